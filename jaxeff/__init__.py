@@ -1,0 +1,9 @@
+"""jaxeff: efficiency methods for LLMs and diffusion models in JAX/Flax."""
+
+from jaxeff.cache import KVCache, LayerKV
+from jaxeff.models.config import LMConfig, RopeScaling
+from jaxeff.models.hooks import Hooks, LayerContext, Method, RouterOutput
+from jaxeff.models.lm import DecoderLM, LMOutput
+
+__version__ = "0.1.0"
+from jaxeff.generate import SamplingConfig, generate, generate_stream

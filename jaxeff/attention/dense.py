@@ -1,0 +1,58 @@
+"""Dense reference attention over a position-mapped KV view (grouped-query, causal, optional sliding window).
+
+This is the reference every attention kernel and every KV method is checked against. Masks are derived from
+absolute positions, not slot indices, so the same function is exact for a plain sequence, a cache with padding,
+and a cache whose rows were compacted by an eviction policy.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jaxeff.cache import LayerKV
+
+_MASKED = -1e30
+
+
+def attention_mask(q_positions: jax.Array, kv: LayerKV, sliding_window: int | None = None) -> jax.Array:
+    """``[B, Hkv, T, S]`` bool: query ``t`` may attend to slot ``s`` (slot filled, causal, inside the window)."""
+    qp = q_positions[:, None, :, None]
+    kp = kv.pos[:, :, None, :]
+    mask = (kp >= 0) & (kp <= qp)
+    if sliding_window is not None:
+        mask &= qp - kp < sliding_window
+    return mask
+
+
+def attention_logits(q: jax.Array, k: jax.Array, scale: float) -> jax.Array:
+    """Scores ``[B, Hkv, G, T, S]`` (float32) for q ``[B, T, Hq, D]`` and k ``[B, Hkv, S, D]``, Hq = Hkv * G."""
+    b, t, hq, d = q.shape
+    hkv = k.shape[1]
+    qg = q.reshape(b, t, hkv, hq // hkv, d)
+    return jnp.einsum("bthgd,bhsd->bhgts", qg, k.astype(q.dtype), preferred_element_type=jnp.float32) * scale
+
+
+def masked_softmax(logits: jax.Array, mask: jax.Array) -> jax.Array:
+    """Softmax over the last axis with ``mask`` (broadcastable); rows with no allowed entry give zeros."""
+    logits = jnp.where(mask, logits, _MASKED)
+    probs = jax.nn.softmax(logits, axis=-1)
+    return jnp.where(jnp.any(mask, axis=-1, keepdims=True), probs, 0.0)
+
+
+def dense_attention(
+    q: jax.Array, kv: LayerKV, q_positions: jax.Array, *, sliding_window: int | None = None,
+    scale: float | None = None,
+) -> jax.Array:
+    """Attention output ``[B, T, Hq, D]`` in ``q.dtype``.
+
+    q: ``[B, T, Hq, D]`` (RoPE applied); kv: keys/values ``[B, Hkv, S, D]`` with positions ``[B, Hkv, S]``;
+    q_positions: ``[B, T]``. Softmax runs in float32.
+    """
+    b, t, hq, d = q.shape
+    scale = d**-0.5 if scale is None else scale
+    logits = attention_logits(q, kv.k, scale)
+    mask = attention_mask(q_positions, kv, sliding_window)[:, :, None]  # [B, Hkv, 1, T, S]
+    probs = masked_softmax(logits, mask)
+    out = jnp.einsum("bhgts,bhsd->bthgd", probs.astype(q.dtype), kv.v.astype(q.dtype))
+    return out.reshape(b, t, hq, kv.v.shape[-1])
