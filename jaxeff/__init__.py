@@ -7,3 +7,4 @@ from jaxeff.models.lm import DecoderLM, LMOutput
 
 __version__ = "0.1.0"
 from jaxeff.generate import SamplingConfig, generate, generate_stream
+from jaxeff.checkpoint import CheckpointError, load_pretrained, load_tokenizer, save_pretrained
