@@ -27,7 +27,7 @@ import json
 import pathlib
 from typing import Any, Mapping, Optional
 
-from jaxeff.config import ConfigError
+from jaxeff.config import ConfigError, from_dict, to_dict
 from jaxeff.models.config import LMConfig, RopeScaling
 
 
@@ -229,7 +229,8 @@ def _replace(cfg: LMConfig, overrides: Mapping[str, Any], where: str) -> LMConfi
     if unknown:
         raise CheckpointError(f"unknown LMConfig field(s) {unknown} in the overrides; known fields: {sorted(known)}")
     try:
-        return dataclasses.replace(cfg, **overrides)
+        # Through the typed-config builder, so a value of the wrong type or outside a Literal is caught too.
+        return from_dict(LMConfig, {**to_dict(cfg), **overrides}, "model")
     except ConfigError as e:
         raise CheckpointError(f"{where} with overrides {dict(overrides)}: {e}") from None
 
