@@ -113,7 +113,7 @@ def _capacity(prompt_len: int, max_new_tokens: int, cache_capacity: Optional[int
         return _round_up(need, CAPACITY_BUCKET)
     if need > cache_capacity:
         raise ValueError(
-            f"cache capacity {cache_capacity} is too small: the (padded) prompt needs {prompt_len} slots plus "
+            f"cache capacity {cache_capacity} is too small: the longest prompt needs {prompt_len} slots plus "
             f"max_new_tokens={max_new_tokens} ({need} in all); raise cache_capacity or shorten the prompt"
         )
     return cache_capacity
@@ -196,7 +196,7 @@ def generate(
       temperature / top_k / top_p: sampling; ``temperature=0`` is greedy decoding.
       stop_tokens: ids that end a sequence (default: the model's ``eos_token_id`` if known; ``[]`` for none).
       rng: PRNG key (needed only when sampling; default ``jax.random.key(0)``).
-      cache_capacity: KV-cache slots per sequence (default: padded prompt length + max_new_tokens, rounded up).
+      cache_capacity: KV-cache slots per sequence (default: longest prompt + max_new_tokens, rounded up).
       pad_id: fills positions after a sequence stopped.
       return_lengths: also return the number of generated tokens per sequence.
 
@@ -207,7 +207,7 @@ def generate(
         raise ValueError(f"max_new_tokens: expected >= 1, got {max_new_tokens}")
     sampling = SamplingConfig(float(temperature), int(top_k), float(top_p))
     tokens, lengths = prepare_prompts(prompt_tokens, prompt_lengths, model.config.vocab_size)
-    capacity = _capacity(tokens.shape[1], max_new_tokens, cache_capacity)
+    capacity = _capacity(int(lengths.max()), max_new_tokens, cache_capacity)  # pads take no slots
     rng = jax.random.key(0) if rng is None else rng
     out, n_gen = _generate_jit(
         model, params, jnp.asarray(tokens), jnp.asarray(lengths), rng, jnp.asarray(_stop_ids(model, stop_tokens)),
@@ -236,7 +236,7 @@ def generate_stream(
         raise ValueError(f"max_new_tokens: expected >= 1, got {max_new_tokens}")
     sampling = SamplingConfig(float(temperature), int(top_k), float(top_p))
     tokens, lengths = prepare_prompts(prompt_tokens, None, model.config.vocab_size)
-    capacity = _capacity(tokens.shape[1], max_new_tokens, cache_capacity)
+    capacity = _capacity(int(lengths.max()), max_new_tokens, cache_capacity)  # pads take no slots
     rng = jax.random.key(0) if rng is None else rng
     stop = _stop_ids(model, stop_tokens)
     sample = jax.jit(sample_logits, static_argnames=("cfg",))
