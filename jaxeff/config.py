@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import pathlib
+import re
 import types
 import typing
 from typing import Any, Literal, Mapping, Sequence, TypeVar, Union
@@ -18,6 +19,8 @@ from typing import Any, Literal, Mapping, Sequence, TypeVar, Union
 import yaml
 
 T = TypeVar("T")
+
+_YAML11_FLOAT_AS_STR = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
 
 
 class ConfigError(ValueError):
@@ -101,6 +104,9 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
         raise config_error(path, "int", value)
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str) and _YAML11_FLOAT_AS_STR.match(value.strip()):
+            # PyYAML follows YAML 1.1, which reads exponent floats without a dot (``3e-4``) as strings.
             return float(value)
         raise config_error(path, "float", value)
     if tp is str:
