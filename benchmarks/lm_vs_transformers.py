@@ -1,0 +1,192 @@
+"""SmolLM2-135M prefill latency and greedy decode speed: jaxeff (jit) vs transformers (PyTorch), side by side.
+
+    python -m benchmarks.lm_vs_transformers [--quick] [--model PATH] [--out results.jsonl]
+
+Both run in this process on the same machine, the same number of threads and float32 weights. Prints one JSON
+object per line: ``{"bench", "impl", "metric", "value", "unit", ...}``. Metrics:
+
+* ``prefill_ms``: one forward pass over a ``--prefill-len``-token prompt (batch 1) that fills the KV cache and
+  returns the last position's logits (transformers: ``use_cache=True, logits_to_keep=1``), median of repeats.
+* ``decode_tok_s``: greedy decoding speed after a short prompt, ``(N - 1) / (t(N tokens) - t(1 token))`` with
+  both timed end to end through each library's ``generate``, so prefill and per-call overhead cancel.
+* ``compile_s`` (jaxeff only): time of the first prefill and the first generate call minus their steady-state
+  times (jit tracing and XLA compilation).
+* ``greedy_match``: whether the two libraries produced the same greedy tokens (1.0 = identical).
+
+``--model random`` uses randomly initialised weights of SmolLM2-135M's shape (no asset needed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+import numpy as np
+
+BENCH = "lm_vs_transformers"
+
+
+def _emit(rows: list, out, **row):
+    row = {"bench": BENCH, **row}
+    rows.append(row)
+    line = json.dumps(row)
+    print(line, flush=True)
+    if out is not None:
+        out.write(line + "\n")
+        out.flush()
+
+
+def _median_time(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def _smollm2_config_dict() -> dict:
+    return {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 49152, "hidden_size": 576,
+        "intermediate_size": 1536, "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3,
+        "rms_norm_eps": 1e-5, "rope_theta": 100000.0, "max_position_embeddings": 8192, "tie_word_embeddings": True,
+        "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": "float32",
+    }
+
+
+def _prepare_model_dir(model_arg: str, tmp: str) -> str:
+    if model_arg == "smollm2":
+        from jaxeff import assets
+
+        return str(assets.smollm2_path())
+    if model_arg == "random":
+        import torch
+        import transformers
+
+        torch.manual_seed(0)
+        cfg = transformers.LlamaConfig(**_smollm2_config_dict())
+        model = transformers.LlamaForCausalLM(cfg).eval()
+        model.save_pretrained(tmp)
+        return tmp
+    return model_arg
+
+
+def main(argv=None) -> list:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="fewer repeats and tokens (a few minutes)")
+    ap.add_argument("--model", default="smollm2", help="'smollm2' (default), 'random' or an HF directory")
+    ap.add_argument("--prefill-len", type=int, default=512)
+    ap.add_argument("--decode-tokens", type=int, default=None)
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--out", default=None, help="also append the JSON lines to this file")
+    args = ap.parse_args(argv)
+
+    import tempfile
+
+    import jax
+    import jax.numpy as jnp
+    import torch
+    import transformers
+
+    import jaxeff
+    from jaxeff.generate import _prefill, prepare_prompts
+
+    torch.set_num_threads(args.threads)
+    repeats = 3 if args.quick else 7
+    n_new = args.decode_tokens or (32 if args.quick else 128)
+    rows: list = []
+    out = open(args.out, "a") if args.out else None
+    common = {
+        "machine": f"{platform.machine()} {os.cpu_count()} cores", "threads": args.threads,
+        "date": datetime.date.today().isoformat(), "jax": jax.__version__, "torch": torch.__version__,
+        "backend": jax.default_backend(),
+    }
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = _prepare_model_dir(args.model, tmp)
+        model_name = "SmolLM2-135M" + (" (random weights)" if args.model == "random" else "")
+        common["model"] = model_name
+        rng = np.random.default_rng(0)
+        prompt = rng.integers(0, 49152, size=(1, args.prefill_len)).astype(np.int64)
+        short = prompt[:, :16]
+
+        # ---- jaxeff -----------------------------------------------------------------------------------------
+        model, params = jaxeff.load_pretrained(path)
+        toks, lens = prepare_prompts(prompt, vocab_size=model.config.vocab_size)
+        capacity = toks.shape[1] + 64
+        jt, jl = jnp.asarray(toks), jnp.asarray(lens)
+
+        def jax_prefill():
+            logits, cache = _prefill(model, params, jt, jl, capacity)
+            jax.block_until_ready(logits)
+
+        t0 = time.perf_counter()
+        jax_prefill()
+        first_prefill = time.perf_counter() - t0
+        prefill_s = _median_time(jax_prefill, repeats)
+        _emit(rows, out, impl="jaxeff", metric="prefill_ms", value=prefill_s * 1e3, unit="ms",
+              prompt_len=args.prefill_len, **common)
+
+        def jax_gen(n):
+            return jaxeff.generate(model, params, short, max_new_tokens=n, stop_tokens=[])
+
+        t0 = time.perf_counter()
+        jax_gen(1)
+        jax_gen(n_new)
+        first_gen = time.perf_counter() - t0
+        t1 = _median_time(lambda: jax_gen(1), repeats)
+        tn = _median_time(lambda: jax_gen(n_new), max(2, repeats // 2))
+        jax_tokens = jax_gen(n_new)[0]
+        _emit(rows, out, impl="jaxeff", metric="decode_tok_s", value=(n_new - 1) / (tn - t1), unit="tok/s",
+              new_tokens=n_new, **common)
+        _emit(rows, out, impl="jaxeff", metric="compile_s", value=first_prefill - prefill_s + first_gen - t1 - tn,
+              unit="s", **common)
+        del params
+
+        # ---- transformers -----------------------------------------------------------------------------------
+        hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        tp = torch.from_numpy(prompt)
+
+        @torch.inference_mode()
+        def hf_prefill():
+            hf(tp, use_cache=True, logits_to_keep=1)
+
+        hf_prefill()
+        prefill_hf = _median_time(hf_prefill, repeats)
+        _emit(rows, out, impl="transformers", metric="prefill_ms", value=prefill_hf * 1e3, unit="ms",
+              prompt_len=args.prefill_len, **common)
+
+        ts = torch.from_numpy(short)
+
+        @torch.inference_mode()
+        def hf_gen(n):
+            return hf.generate(ts, attention_mask=torch.ones_like(ts), max_new_tokens=n, min_new_tokens=n,
+                               do_sample=False, pad_token_id=0)
+
+        hf_gen(2)
+        t1 = _median_time(lambda: hf_gen(1), repeats)
+        tn = _median_time(lambda: hf_gen(n_new), max(2, repeats // 2))
+        hf_tokens = hf_gen(n_new)[0, short.shape[1]:].numpy()
+        _emit(rows, out, impl="transformers", metric="decode_tok_s", value=(n_new - 1) / (tn - t1), unit="tok/s",
+              new_tokens=n_new, **common)
+        _emit(rows, out, impl="both", metric="greedy_match", value=float(np.array_equal(jax_tokens, hf_tokens)),
+              unit="bool", new_tokens=n_new, **common)
+
+    by = {(r["impl"], r["metric"]): r["value"] for r in rows}
+    summary = (f"prefill {args.prefill_len} tok: jaxeff {by['jaxeff', 'prefill_ms']:.1f} ms vs transformers "
+               f"{by['transformers', 'prefill_ms']:.1f} ms; decode: jaxeff {by['jaxeff', 'decode_tok_s']:.1f} tok/s "
+               f"vs transformers {by['transformers', 'decode_tok_s']:.1f} tok/s")
+    print(summary, file=sys.stderr)
+    if out is not None:
+        out.close()
+    return rows
+
+
+if __name__ == "__main__":
+    main()
