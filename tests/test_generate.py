@@ -256,3 +256,119 @@ def test_bad_prompt_structure_raises(model_params):
         generate(model, params, [[1, 2], []], max_new_tokens=2)
     with pytest.raises(TypeError, match="integer"):
         generate(model, params, np.ones((2, 3), np.float32), max_new_tokens=2)
+
+
+# ---- the `python -m train.generate` command line ------------------------------------------------------------
+
+CLI_TEXTS = ["hello world, café crème brûlée", "日本語のテキスト 🙂 ok", "the quick brown fox jumps over the lazy dog",
+             "user: hi\nassistant: hello!"]
+
+
+def _byte_level_tokenizer():
+    """A byte-level BPE (multi-byte characters span several tokens) trained on a few sentences, with a chat
+    template, as a transformers fast tokenizer."""
+    tokenizers = pytest.importorskip("tokenizers")
+    from transformers import PreTrainedTokenizerFast
+
+    tok = tokenizers.Tokenizer(tokenizers.models.BPE())
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = tokenizers.decoders.ByteLevel()
+    trainer = tokenizers.trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<s>", "</s>"],
+        initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(CLI_TEXTS, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
+    fast.chat_template = (
+        "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}assistant:{% endif %}"
+    )
+    return fast
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    """A tiny random Llama saved by transformers (safetensors + config.json) with its tokenizer."""
+    torch = pytest.importorskip("torch")
+    import jaxeff
+
+    if not hasattr(jaxeff, "load_pretrained"):
+        pytest.skip("jaxeff.load_pretrained is not available")
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = _byte_level_tokenizer()
+    cfg = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=False,
+        initializer_range=0.3,  # well separated logits: greedy choices do not hinge on rounding
+    )
+    torch.manual_seed(0)
+    hf_model = LlamaForCausalLM(cfg).eval()
+    path = tmp_path_factory.mktemp("tiny_llama")
+    hf_model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path, hf_model, tokenizer
+
+
+def _hf_greedy_text(hf_model, tokenizer, ids, n):
+    """transformers' own greedy continuation (stopping at eos), decoded."""
+    import torch
+
+    with torch.no_grad():
+        out = hf_model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False,
+                                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id)
+    return tokenizer.decode(out[0, len(ids):].tolist(), skip_special_tokens=True)
+
+
+def test_incremental_decoder_never_splits_a_character():
+    from train.generate import IncrementalDecoder
+
+    tokenizer = _byte_level_tokenizer()
+    text = "日本語 🙂 café brûlée"
+    ids = tokenizer.encode(text)
+    assert any("\ufffd" in tokenizer.decode(ids[:i]) for i in range(1, len(ids)))  # some prefixes split a char
+    decoder = IncrementalDecoder(tokenizer)
+    pieces = [decoder.push(i) for i in ids] + [decoder.flush()]
+    assert "".join(pieces) == text
+    assert not any("\ufffd" in p for p in pieces)
+
+
+def test_cli_streams_the_greedy_continuation(hf_dir, capsys):
+    from train.generate import main
+
+    path, hf_model, tokenizer = hf_dir
+    prompt, n = "the quick brown", 12
+    assert main(["--model", str(path), "--prompt", prompt, "--max-new-tokens", str(n)]) == 0
+    out, err = capsys.readouterr()
+    assert out == _hf_greedy_text(hf_model, tokenizer, tokenizer.encode(prompt), n) + "\n"
+    assert len(out) > 1
+    assert "compile" in err and "tokens/s" in err
+
+
+def test_cli_chat_applies_the_template(hf_dir, capsys):
+    from train.generate import encode_prompt, main
+
+    path, hf_model, tokenizer = hf_dir
+    ids = encode_prompt(tokenizer, "hi", chat=True)
+    assert tokenizer.decode(ids) == "<s>user: hi\nassistant:"
+    assert main(["--model", str(path), "--prompt", "hi", "--chat", "--max-new-tokens", "10"]) == 0
+    out, _ = capsys.readouterr()
+    assert out == _hf_greedy_text(hf_model, tokenizer, ids, 10) + "\n"
+
+
+def test_cli_bad_arguments_fail_clearly(hf_dir, tmp_path, capsys):
+    from train.generate import main
+
+    path, _, _ = hf_dir
+    cases = [
+        (["--model", str(tmp_path / "missing"), "--prompt", "x"], "no such directory"),
+        (["--model", str(tmp_path), "--prompt", "x"], "neither config.json"),
+        (["--model", str(path / "config.json"), "--prompt", "x"], "is a file"),
+        (["--model", str(path), "--prompt", "x", "--temperature", "-1"], "temperature"),
+        (["--model", str(path), "--prompt", "x", "--max-new-tokens", "0"], "max_new_tokens"),
+    ]
+    for argv, message in cases:
+        assert main(argv) == 2, argv
+        _, err = capsys.readouterr()
+        assert err.startswith("error: ") and message in err, (argv, err)
