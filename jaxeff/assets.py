@@ -79,6 +79,11 @@ def _convert_atomically(gguf_file: pathlib.Path, target: pathlib.Path, progress)
 
     target.parent.mkdir(parents=True, exist_ok=True)
     say = progress or (lambda msg: None)
+    # A conversion killed outright (SIGKILL, power loss) leaves its temporary directory behind; one that has not
+    # been touched for an hour belongs to no running conversion.
+    for stale in target.parent.glob(f".{target.name}.tmp-*"):
+        if time.time() - stale.stat().st_mtime > 3600:
+            shutil.rmtree(stale, ignore_errors=True)
     say(f"converting {gguf_file} -> {target} (one time)")
     start = time.perf_counter()
     tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))

@@ -76,6 +76,12 @@ def test_conversion_is_atomic_and_runs_once(monkeypatch, tmp_path):
         (pathlib.Path(out) / "config.json").write_text("{}")
 
     monkeypatch.setattr(gguf_convert, "convert_gguf", complete)
+    # Leftovers of conversions killed outright: an old one is cleaned up, a recent one (maybe running) is not.
+    stale = tmp_path / "cache" / f".{assets.SMOLLM2_DIRNAME}.tmp-old"
+    recent = tmp_path / "cache" / f".{assets.SMOLLM2_DIRNAME}.tmp-recent"
+    stale.mkdir()
+    recent.mkdir()
+    os.utime(stale, (0, 0))
     messages = []
     first = assets.smollm2_path(progress=messages.append)
     assert first == tmp_path / "cache" / assets.SMOLLM2_DIRNAME and (first / "config.json").is_file()
@@ -83,7 +89,7 @@ def test_conversion_is_atomic_and_runs_once(monkeypatch, tmp_path):
     assert oct(first.stat().st_mode & 0o777) == oct(0o755)
     assert assets.smollm2_path() == first and assets.smollm2_path(convert=False) == first
     assert calls == [fake_gguf]  # the second and third calls found the directory
-    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [assets.SMOLLM2_DIRNAME]
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [recent.name, assets.SMOLLM2_DIRNAME]
 
 
 # ---- the real asset ---------------------------------------------------------------------------------------------
@@ -204,8 +210,8 @@ def test_conversion_matches_transformers_gguf_loader(smollm2_dir, ours):
     assert json.loads(tok.backend_tokenizer.to_str()) == json.loads(ref_tok.backend_tokenizer.to_str())
     for attr in ("bos_token", "eos_token", "unk_token", "pad_token", "chat_template"):
         assert getattr(tok, attr) == getattr(ref_tok, attr), attr
-    texts = [KJV, "  leading spaces\tand tabs\n\nnewlines", "naïve café — 東京 🙂", "<|im_start|>user\nhi<|im_end|>",
-             "def f(x):\n    return x**2  # 12345"]
+    texts = [KJV, "  leading spaces\tand tabs\n\nnewlines", "naïve café — 東京 🙂",
+             "<|im_start|>user\nhi<|im_end|>", "def f(x):\n    return x**2  # 12345"]
     for t in texts:
         assert tok(t).input_ids == ref_tok(t).input_ids, t
         assert tok.decode(tok(t).input_ids) == ref_tok.decode(ref_tok(t).input_ids)

@@ -1,5 +1,6 @@
 """Checkpoint import/export: Hugging Face ``config.json`` + safetensors (``hf``), GGUF conversion (``gguf_convert``)."""
 
+from jaxeff.checkpoint.gguf_convert import convert_gguf
 from jaxeff.checkpoint.hf import (
     HARMLESS_EXTRA,
     TensorMap,

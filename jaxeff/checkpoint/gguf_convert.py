@@ -169,7 +169,9 @@ def gguf_tokenizer(meta: _Meta):
     alphabet = set(ByteLevel.alphabet())
     odd = [t for t in tokens if not set(t) <= alphabet]
     if odd:
-        raise CheckpointError(f"{where}: {len(odd)} token(s) are not spelled in the byte-level alphabet, e.g. {odd[0]!r}")
+        raise CheckpointError(
+            f"{where}: {len(odd)} token(s) are not spelled in the byte-level alphabet, e.g. {odd[0]!r}"
+        )
     base = GPT2Tokenizer(vocab={t: i for i, t in enumerate(tokens)}, merges=[tuple(m.split(" ")) for m in merges])
     control = [AddedToken(t, normalized=False, special=True) for t, k in zip(tokens, types) if k == _CONTROL]
     if control:

@@ -22,7 +22,10 @@ Loading is lazy: ``safe_open(..., framework="np")`` memory-maps every file and `
 and columns a device's shard needs, so a model larger than one device (or than host memory, per leaf) loads
 straight into its ``NamedSharding``. bf16/f16 tensors come back as ``ml_dtypes`` arrays and are cast to the
 parameter dtype exactly. Files are checked before any tensor is read: missing or unexpected names, shapes and
-dtypes all raise :class:`CheckpointError` naming the tensor and file.
+dtypes all raise :class:`CheckpointError` naming the tensor and file. Two kinds of extra tensor are ignored:
+``rotary_emb.inv_freq`` buffers (recomputed from the config) and ``lm_head.weight`` in a tied checkpoint (some
+exporters write the tied copy; transformers ignores it as well). Only headers and sizes are checked: safetensors
+has no checksums, so flipped bytes inside a tensor's data cannot be detected.
 
 Export gathers the parameters to the host (single process) and writes the parameter dtype as is. Method
 parameters (``params["methods"]``) have no place in the Hugging Face layout and are not written.

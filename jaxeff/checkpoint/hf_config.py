@@ -97,7 +97,9 @@ def _rope_from_hf(hf: Mapping[str, Any], model_type: str, where: str) -> tuple[f
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     partial = rope.get("partial_rotary_factor", hf.get("partial_rotary_factor"))
     if partial is not None and float(partial) != 1.0:
-        raise CheckpointError(f"{where}: partial_rotary_factor={partial} is not supported (RoPE on the whole head only)")
+        raise CheckpointError(
+            f"{where}: partial_rotary_factor={partial} is not supported (RoPE on the whole head only)"
+        )
     if rope_type not in SUPPORTED_ROPE_TYPES:
         raise CheckpointError(
             f"{where}: RoPE type {rope_type!r} is not supported; supported types: {', '.join(SUPPORTED_ROPE_TYPES)}"
@@ -210,15 +212,11 @@ def config_from_hf(hf: Mapping[str, Any], where: str = "config.json", **override
         eos_token_id=_first_id(hf.get("eos_token_id"), "eos_token_id", where),
         **moe,
     )
-    return _replace(LMConfig(**_checked(fields, where)), overrides, where)
-
-
-def _checked(fields: dict, where: str) -> dict:
     try:
-        LMConfig(**fields)
+        cfg = LMConfig(**fields)
     except ConfigError as e:
         raise CheckpointError(f"{where}: {e}") from None
-    return fields
+    return _replace(cfg, overrides, where)
 
 
 def _replace(cfg: LMConfig, overrides: Mapping[str, Any], where: str) -> LMConfig:
