@@ -123,22 +123,25 @@ def test_stop_tokens_end_one_sequence_while_others_continue(model_params, prompt
     np.testing.assert_array_equal(steps, expected[:, : steps.shape[1]])  # -1 after the stop, like pad=-1 here
 
 
-def test_default_stop_token_is_the_configured_eos(model_params, prompts, greedy_reference):
-    model, params = model_params
-    stop, first = _pick_stop_token(greedy_reference)
-    with_eos = DecoderLM(dataclasses.replace(model.config, eos_token_id=stop))
-    _, lengths = generate(with_eos, params, prompts, max_new_tokens=MAX_NEW, return_lengths=True)
-    np.testing.assert_array_equal(lengths, np.minimum(first + 1, MAX_NEW))
+def test_default_stop_tokens_are_the_configured_eos(model_params):
+    """Without ``stop_tokens``, the model's ``eos_token_id`` (if any) stops generation; ``[]`` means none."""
+    from jaxeff.generate import _stop_ids
+
+    model, _ = model_params
+    with_eos = DecoderLM(dataclasses.replace(model.config, eos_token_id=7))
+    assert _stop_ids(with_eos, None).tolist() == [7]
+    assert 7 not in _stop_ids(with_eos, []).tolist()
+    assert _stop_ids(model, None).tolist() == [-1]  # matches no token
+    assert _stop_ids(with_eos, [3, 5]).tolist() == [3, 5]
 
 
 def test_top_k_1_and_tiny_top_p_are_greedy(model_params, prompts, greedy_reference):
+    """Streamed: the sampler compiles on its own, the model steps are shared with the greedy stream."""
     model, params = model_params
-    out = generate(model, params, prompts, max_new_tokens=MAX_NEW, temperature=1.5, top_k=1, stop_tokens=[],
-                   rng=jax.random.key(3))
-    np.testing.assert_array_equal(out, greedy_reference)
-    steps = generate_stream(model, params, prompts, max_new_tokens=MAX_NEW, temperature=1.5, top_p=1e-6,
-                            stop_tokens=[], rng=jax.random.key(4))
-    np.testing.assert_array_equal(np.stack(list(steps), 1), greedy_reference)
+    for kw, seed in ((dict(top_k=1), 3), (dict(top_p=1e-6), 4)):
+        steps = generate_stream(model, params, prompts, max_new_tokens=MAX_NEW, temperature=1.5, stop_tokens=[],
+                                rng=jax.random.key(seed), **kw)
+        np.testing.assert_array_equal(np.stack(list(steps), 1), greedy_reference, err_msg=str(kw))
 
 
 def test_sampled_generate_equals_sampled_stream(model_params, prompts, greedy_reference):
@@ -360,10 +363,20 @@ def test_cli_chat_applies_the_template(hf_dir, capsys):
 def test_cli_bad_arguments_fail_clearly(hf_dir, tmp_path, capsys):
     from train.generate import main
 
+    import yaml
+
+    from jaxeff.config import to_dict
+
     path, _, _ = hf_dir
+    run_dir = tmp_path / "run"  # a training run directory (model.yaml) that has no checkpoint yet
+    run_dir.mkdir()
+    (run_dir / "model.yaml").write_text(yaml.safe_dump(to_dict(LMConfig(vocab_size=VOCAB))))
+    empty = tmp_path / "empty"
+    empty.mkdir()
     cases = [
         (["--model", str(tmp_path / "missing"), "--prompt", "x"], "no such directory"),
-        (["--model", str(tmp_path), "--prompt", "x"], "neither config.json"),
+        (["--model", str(empty), "--prompt", "x"], "neither config.json"),
+        (["--model", str(run_dir), "--prompt", "x"], "checkpoint"),
         (["--model", str(path / "config.json"), "--prompt", "x"], "is a file"),
         (["--model", str(path), "--prompt", "x", "--temperature", "-1"], "temperature"),
         (["--model", str(path), "--prompt", "x", "--max-new-tokens", "0"], "max_new_tokens"),

@@ -11,9 +11,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxeff import DecoderLM, Hooks, LMConfig, RopeScaling, RouterOutput
+from jaxeff import DecoderLM, Hooks, LayerContext, LMConfig, RopeScaling, RouterOutput
 from jaxeff.config import ConfigError
+from jaxeff.models.hooks import topk_router
 from jaxeff.models.layers import apply_rope, rope_cos_sin, rope_inv_freq
+from jaxeff.models.moe import moe_ffn
 from jaxeff.sharding import DEFAULT_RULES
 
 # LLVM optimisation buys nothing for these tiny programs and halves their compile time.
@@ -219,10 +221,12 @@ def reference_grads(models, tokens):
 
 
 @pytest.mark.parametrize(
-    "change", [dict(scan_layers=False), dict(remat="full"), dict(remat="dots")], ids=["loop", "remat_full", "remat_dots"]
+    "change", [dict(scan_layers=False, remat="full"), dict(remat="dots")], ids=["loop_remat_full", "scan_remat_dots"]
 )
 def test_layer_stack_variants_give_same_logits_and_grads(models, tokens, reference_grads, change):
-    """``scan_layers`` / ``remat`` change how the stack is compiled, never what it computes (same param layout)."""
+    """``scan_layers`` / ``remat`` change how the stack is compiled, never what it computes (same param layout).
+    The reference is scan without remat; the Python loop is checked with full remat (two compilations fewer than
+    every combination, and each variant differs from the reference)."""
     model, params = models["dense_gqa"]
     assert model.config.scan_layers and model.config.remat == "none"
     (loss0, logits0), grads0 = reference_grads
@@ -249,30 +253,48 @@ def test_bfloat16_compute_is_close_to_float32(models, tokens):
     assert rel > 0, "bf16 compute should not be bit-identical to float32 (was the dtype ignored?)"
 
 
+@jax.jit(static_argnums=0, compiler_options=FAST)
+def moe_ffn_and_grads(cfg, x, p, cotangent):
+    """One MoE feed-forward ``[B, T, d] -> [B, T, d]`` and the gradients of ``sum(y * cotangent)`` with respect to
+    the input and every MoE parameter (router included, through the top-k weights)."""
+    b, t, _ = x.shape
+    ctx = LayerContext(config=cfg, layer=0, hidden=None, positions=jnp.zeros((b, t), jnp.int32),
+                       token_valid=jnp.ones((b, t), bool), mode="train", method_params={})
+    f = lambda x, p: moe_ffn(x, p, ctx, topk_router)  # noqa: E731
+    return f(x, p), jax.grad(lambda x, p: jnp.sum(f(x, p) * cotangent), argnums=(0, 1))(x, p)
+
+
 def test_moe_ragged_equals_dense(models, tokens):
     model, params = models["moe"]
-    assert model.config.moe_impl == "ragged"
-    dense = DecoderLM(dataclasses.replace(model.config, moe_impl="dense"))
-    (loss_r, logits_r), grads_r = loss_and_grad(model, params, tokens)
-    (loss_d, logits_d), grads_d = loss_and_grad(dense, params, tokens)
-    assert_close(logits_r, logits_d)
-    assert_close(loss_r, loss_d)
+    cfg = model.config
+    assert cfg.moe_impl == "ragged"
+    dense_cfg = dataclasses.replace(cfg, moe_impl="dense")
+    assert_close(forward(model, params, tokens), forward(DecoderLM(dense_cfg), params, tokens))
+    # Gradients on one MoE layer: the rest of the backward pass is shared by both implementations.
+    p = jax.tree.map(lambda a: a[0], params["layers"]["moe"])
+    kx, kc = jax.random.split(jax.random.key(11))
+    x = jax.random.normal(kx, (B, T, cfg.hidden_size))
+    cotangent = jax.random.normal(kc, (B, T, cfg.hidden_size))
+    y_r, grads_r = moe_ffn_and_grads(cfg, x, p, cotangent)
+    y_d, grads_d = moe_ffn_and_grads(dense_cfg, x, p, cotangent)
+    assert_close(y_r, y_d)
     assert_trees_close(grads_r, grads_d, tol=1e-5)
     # every expert must receive gradient, or the comparison would not cover the routing of all of them
-    g = np.abs(np.asarray(grads_r["layers"]["moe"]["up"]["kernel"])).sum(axis=(2, 3))  # [L, E]
+    g = np.abs(np.asarray(grads_r[1]["up"]["kernel"])).sum(axis=(1, 2))  # [E]
     assert np.all(g > 0), g
+    assert np.abs(np.asarray(grads_r[1]["router"]["kernel"])).max() > 0
 
 
 @dataclasses.dataclass(frozen=True)
 class NullSlotRouter:
-    """Wraps the router so that slot 1 of every third token is "switched off", either by routing it to the null
-    expert id ``num_experts`` or (the oracle) by keeping a real expert with weight zero."""
+    """Wraps the router so that slot 1 of every third token is switched off: routed to the null expert id
+    ``num_experts`` when the parameter ``null`` is 1, or (the oracle) kept on its real expert with weight zero when
+    it is 0. A parameter rather than a field, so both variants share one compiled program."""
 
-    how: str  # "null_id" | "zero_weight"
     name: str = "null_slot"
 
     def init(self, rng, config):
-        return {}
+        return {"null": jnp.ones(())}
 
     def wrap(self, hooks: Hooks) -> Hooks:
         inner = hooks.router
@@ -280,9 +302,9 @@ class NullSlotRouter:
         def router(x, kernel, ctx):
             r = inner(x, kernel, ctx)
             off = (jnp.arange(x.shape[0]) % 3 == 0)[:, None] & (jnp.arange(r.experts.shape[1]) == 1)[None, :]
-            if self.how == "null_id":
-                return r._replace(experts=jnp.where(off, ctx.config.num_experts, r.experts))
-            return r._replace(weights=jnp.where(off, 0.0, r.weights))
+            null = ctx.method_params[self.name]["null"] > 0
+            return RouterOutput(weights=jnp.where(off & ~null, 0.0, r.weights),
+                                experts=jnp.where(off & null, ctx.config.num_experts, r.experts), probs=r.probs)
 
         return hooks.replace(router=router)
 
@@ -290,16 +312,15 @@ class NullSlotRouter:
 def test_null_expert_slots_contribute_nothing(models, tokens):
     model, params = models["moe"]
     cfg = model.config
-    dense_cfg = dataclasses.replace(cfg, moe_impl="dense")
-    null_ragged = DecoderLM(cfg).with_methods(NullSlotRouter("null_id"))
-    null_dense = DecoderLM(dense_cfg).with_methods(NullSlotRouter("null_id"))
-    zero_weight = DecoderLM(dense_cfg).with_methods(NullSlotRouter("zero_weight"))
-    p = {**params, "methods": {"null_slot": {}}}
-    expected, _ = forward_aux(zero_weight, p, tokens)
-    got_ragged, aux = forward_aux(null_ragged, p, tokens)
-    got_dense, _ = forward_aux(null_dense, p, tokens)
+    ragged = DecoderLM(cfg).with_methods(NullSlotRouter())
+    dense = DecoderLM(dataclasses.replace(cfg, moe_impl="dense")).with_methods(NullSlotRouter())
+    null_ids = {**params, "methods": {"null_slot": {"null": jnp.ones(())}}}
+    zero_weights = {**params, "methods": {"null_slot": {"null": jnp.zeros(())}}}
+    expected, aux_zero = forward_aux(dense, zero_weights, tokens)
+    got_ragged, aux = forward_aux(ragged, null_ids, tokens)
     assert_close(got_ragged, expected, err_msg="ragged")
-    assert_close(got_dense, expected, err_msg="dense")
+    assert_close(forward_aux(dense, null_ids, tokens)[0], expected, err_msg="dense")
+    assert_close(forward_aux(ragged, zero_weights, tokens)[0], expected, err_msg="ragged, zero weights")
     base = forward(model, params, tokens)
     assert np.max(np.abs(np.asarray(expected - base))) > 1e-3, "switching slots off should change the output"
     # the expert load counts only real assignments: N tokens * k slots, minus the nulled ones
@@ -308,6 +329,7 @@ def test_null_expert_slots_contribute_nothing(models, tokens):
     load = np.asarray(aux["moe_expert_load"])
     assert load.shape == (cfg.num_layers, cfg.num_experts)
     np.testing.assert_allclose(load.sum(axis=1), n * cfg.num_experts_per_tok - nulled)
+    np.testing.assert_allclose(np.asarray(aux_zero["moe_expert_load"]).sum(axis=1), n * cfg.num_experts_per_tok)
 
 
 # ---- hooks and methods --------------------------------------------------------------------------------------
