@@ -1,0 +1,46 @@
+"""The optimizer: global-norm clipping, then AdamW on a linear-warmup + cosine-decay schedule."""
+
+from __future__ import annotations
+
+import jax
+import optax
+
+from jaxeff.training.config import OptimConfig
+
+# Parameters that are not decayed: norm scales and biases (decaying them toward 0 only hurts; the usual choice).
+_NO_DECAY_LEAVES = ("scale", "bias")
+
+
+def lr_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
+    """Learning rate at optimizer step ``s`` (0-based): linear from 0 to ``lr`` over ``warmup_steps``, then cosine
+    decay to ``lr * min_lr_ratio`` at ``total_steps``."""
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0,
+        peak_value=cfg.lr,
+        warmup_steps=cfg.warmup_steps,
+        decay_steps=total_steps,
+        end_value=cfg.lr * cfg.min_lr_ratio,
+    )
+
+
+def decay_mask(params) -> dict:
+    """``True`` for the leaves weight decay applies to (everything but norm scales and biases)."""
+
+    def keep(path, _):
+        last = path[-1]
+        return getattr(last, "key", None) not in _NO_DECAY_LEAVES
+
+    return jax.tree_util.tree_map_with_path(keep, params)
+
+
+def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransformation:
+    parts = []
+    if cfg.clip_norm is not None:
+        parts.append(optax.clip_by_global_norm(cfg.clip_norm))
+    parts.append(
+        optax.adamw(
+            lr_schedule(cfg, total_steps), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+            weight_decay=cfg.weight_decay, mask=decay_mask,
+        )
+    )
+    return optax.chain(*parts)

@@ -1,0 +1,1 @@
+"""Training entry points: ``python -m train.<job> --config configs/<file>.yaml [key=value ...]``."""
