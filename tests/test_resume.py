@@ -120,3 +120,17 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
     first = int(np.argmax(np.asarray(model.apply(params, np.asarray([prompt], np.int32)))[0, -1]))
     assert int(generated[0, 0]) == first  # greedy decoding continues with the model's own argmax
     assert model.config.eos_token_id == tok.eos_token_id  # generation stops at end-of-text by default
+
+    # init_from: the run exported as a Hugging Face checkpoint starts a fine-tune whose step-0 held-out loss is the
+    # finished run's (same weights, same tokenizer and held-out windows), not a random model's.
+    from jaxeff.checkpoint import save_pretrained
+
+    hf_dir = tmp_path / "hf"
+    save_pretrained(model, params, hf_dir, tokenizer=tok)
+    _write_config(tmp_path / "ft.yaml", tmp_path / "ft", train={"steps": 2, "eval_at_start": True},
+                  checkpoint={"enabled": False}, optim={"lr": 1e-4, "warmup_steps": 1})
+    ft_cfg = from_dict(TrainConfig, {**yaml.safe_load((tmp_path / "ft.yaml").read_text()), "init_from": str(hf_dir)})
+    ft = train(ft_cfg)
+    (start,) = [r for r in read_metrics(ft.run_dir, "eval") if r["step"] == 0]
+    assert start["loss"] == pytest.approx(final["loss"], abs=1e-5)
+    assert not (tmp_path / "ft" / "checkpoints").exists()
