@@ -29,7 +29,7 @@ def open_manager(run_dir, *, keep: int = 2, async_save: bool = True, read_only: 
     manager's own interval is 1 (every ``save`` call is honoured)."""
     options = ocp.CheckpointManagerOptions(
         max_to_keep=None if read_only else keep,
-        save_interval_steps=1,
+        save_interval_steps=0 if read_only else 1,
         enable_async_checkpointing=async_save and not read_only,
         cleanup_tmp_directories=not read_only,
         read_only=read_only,
