@@ -17,7 +17,7 @@ def main(argv=None) -> int:
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
     parser.add_argument("--overwrite", action="store_true", help="start over, deleting earlier checkpoints")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.steps=50")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # overrides may come before and after the flags
 
     from jaxeff.config import ConfigError, load_config
     from jaxeff.training import TrainConfig, train

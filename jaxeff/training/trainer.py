@@ -98,20 +98,23 @@ def resolve_init_from(init_from: str) -> pathlib.Path:
     return path
 
 
-def build_model_and_tokenizer(cfg: TrainConfig, mesh) -> tuple[DecoderLM, Optional[dict], object]:
-    """``(model, pretrained params or None, tokenizer)`` for the run."""
+def build_model_and_tokenizer(cfg: TrainConfig, mesh, load_weights: bool = True):
+    """``(model, pretrained params or None, tokenizer)`` for the run. ``load_weights=False`` reads only the
+    pretrained architecture (a resumed fine-tune takes its weights from its own checkpoint)."""
     params = None
     pretrained_dir = None
     if cfg.init_from is not None:
-        from jaxeff.checkpoint import load_pretrained
+        from jaxeff.checkpoint import load_pretrained, read_hf_config
 
         pretrained_dir = resolve_init_from(cfg.init_from)
         m = cfg.model
-        model, params = load_pretrained(
-            pretrained_dir, mesh=mesh, dtype=m.dtype, param_dtype=m.param_dtype,
-            scan_layers=m.scan_layers, remat=m.remat,
-        )
-        model = DecoderLM(merge_runtime_fields(model.config, cfg.model))
+        runtime = dict(dtype=m.dtype, param_dtype=m.param_dtype, scan_layers=m.scan_layers, remat=m.remat)
+        if load_weights:
+            model, params = load_pretrained(pretrained_dir, mesh=mesh, **runtime)
+            pretrained_cfg = model.config
+        else:
+            pretrained_cfg = read_hf_config(pretrained_dir, **runtime)
+        model = DecoderLM(merge_runtime_fields(pretrained_cfg, cfg.model))
     else:
         model = DecoderLM(cfg.model)
 
@@ -189,7 +192,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) ->
     mesh = shd.make_mesh(cfg.mesh)
     _prepare_run_dir(cfg, run_dir, resume, overwrite, is_main)
 
-    model, pretrained_params, tokenizer = build_model_and_tokenizer(cfg, mesh)
+    resuming = resume and ckpt.latest_step(run_dir) is not None
+    model, pretrained_params, tokenizer = build_model_and_tokenizer(cfg, mesh, load_weights=not resuming)
     mcfg = model.config
 
     # ---- data
