@@ -3,7 +3,6 @@
 import dataclasses
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -79,6 +78,17 @@ def test_config_file_and_overrides(tmp_path):
     assert _cfg().tokenizer_kind == "bpe"
     with pytest.raises(ConfigError, match=r"'data\.tokenizer': expected 'bpe' or a tokenizer directory"):
         _cfg(data={"tokenizer": "pretrained"})
+
+
+def test_cli_reports_config_errors(tmp_path, capsys):
+    from train.lm import main
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("model: {vocab_size: 320}\n")
+    # Overrides before and after the flags are all applied: the last one makes the batch indivisible.
+    rc = main(["--config", str(cfg), "train.batch_size=12", "--resume", "train.grad_accum=5"])
+    assert rc == 2
+    assert "'train.batch_size': expected a multiple of train.grad_accum=5, got 12" in capsys.readouterr().err
 
 
 def test_bundled_configs_load():

@@ -28,6 +28,7 @@ from typing import Optional
 import jax
 import numpy as np
 import yaml
+from tqdm.auto import tqdm
 
 from jaxeff import sharding as shd
 from jaxeff.config import ConfigError, to_dict
@@ -262,8 +263,6 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) ->
 
     def say(msg: str) -> None:
         if is_main:
-            from tqdm.auto import tqdm
-
             tqdm.write(msg, file=sys.stderr)
 
     say(f"[train] {mcfg.num_params() / 1e6:.2f}M params, mesh {dict(mesh.shape)}, {jax.process_count()} "
@@ -271,8 +270,6 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) ->
         f"unigram baseline held-out ppl {unigram_ppl:.2f}; compiled in {compile_s:.1f} s")
     if restored_step is not None:
         say(f"[train] resumed from checkpoint step {restored_step} (data position {position})")
-
-    from tqdm.auto import tqdm
 
     bar = tqdm(total=loop.steps, initial=start_step, disable=not (is_main and loop.progress), desc="train",
                dynamic_ncols=True, file=sys.stderr, mininterval=1.0)
