@@ -147,7 +147,7 @@ def main(argv=None) -> list:
               new_tokens=n_new, **common)
         _emit(rows, out, impl="jaxeff", metric="compile_s", value=first_prefill - prefill_s + first_gen - t1 - tn,
               unit="s", **common)
-        del params
+        params = None  # free jaxeff's copy of the weights before transformers loads its own
 
         # ---- transformers -----------------------------------------------------------------------------------
         hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()

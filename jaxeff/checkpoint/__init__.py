@@ -20,3 +20,22 @@ from jaxeff.checkpoint.hf_config import (
     read_hf_config,
     read_hf_config_dict,
 )
+
+__all__ = [
+    "HARMLESS_EXTRA",
+    "SUPPORTED_MODEL_TYPES",
+    "CheckpointError",
+    "TensorMap",
+    "config_from_hf",
+    "config_to_hf",
+    "convert_gguf",
+    "hf_eos_token_ids",
+    "hf_tensor_map",
+    "load_params",
+    "load_pretrained",
+    "load_tokenizer",
+    "parse_size",
+    "read_hf_config",
+    "read_hf_config_dict",
+    "save_pretrained",
+]

@@ -13,7 +13,7 @@ import json
 import os
 import pathlib
 import tempfile
-from typing import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -24,8 +24,10 @@ _RECIPE_VERSION = 1
 
 
 def cache_root() -> pathlib.Path:
-    """``$JAXEFF_CACHE`` or ``~/.cache/jaxeff``."""
-    return pathlib.Path(os.environ.get("JAXEFF_CACHE") or pathlib.Path.home() / ".cache" / "jaxeff")
+    """``$JAXEFF_CACHE`` or ``~/.cache/jaxeff`` (the same folder as the converted model assets)."""
+    from jaxeff.assets import cache_dir
+
+    return cache_dir()
 
 
 def stable_hash(obj) -> str:
