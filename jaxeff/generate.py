@@ -8,13 +8,18 @@ Prompts are right-padded to a length bucket (a multiple of 16) so that nearby pr
 program; the cache capacity is rounded up to a multiple of 64 for the same reason. The whole loop (prefill, then
 ``lax.while_loop`` over decode steps that stops early once every sequence has emitted a stop token) is one jitted
 call. :func:`generate_stream` runs the same steps from Python and yields each new token as it is produced.
+
+A model with a KV-eviction policy (``jaxeff.methods.kv_eviction``) is generated in two calls instead: the
+jitted prefill (which compacts each cache row to the policy's budget), a host read of the longest kept row, a move
+of the cache into that smaller capacity (``KVCache.resize``), then the jitted decode loop; :func:`prefill` is
+that first half, for benchmarks that measure the cache.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Iterator, Optional, Sequence
+from collections.abc import Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -72,7 +77,7 @@ def _round_up(n: int, m: int) -> int:
 
 
 def prepare_prompts(
-    prompt_tokens, prompt_lengths=None, vocab_size: Optional[int] = None, bucket: int = PROMPT_BUCKET
+    prompt_tokens, prompt_lengths=None, vocab_size: int | None = None, bucket: int = PROMPT_BUCKET
 ) -> tuple[np.ndarray, np.ndarray]:
     """Right-pads prompts to a bucketed length. Accepts a list of token lists, or an int array ``[B, T]`` (with
     optional ``prompt_lengths [B]``). Returns ``(tokens [B, T'], lengths [B])`` as numpy int32."""
@@ -107,7 +112,7 @@ def prepare_prompts(
     return tokens, lengths
 
 
-def _capacity(prompt_len: int, max_new_tokens: int, cache_capacity: Optional[int]) -> int:
+def _capacity(prompt_len: int, max_new_tokens: int, cache_capacity: int | None) -> int:
     need = prompt_len + max_new_tokens
     if cache_capacity is None:
         return _round_up(need, CAPACITY_BUCKET)
@@ -133,10 +138,10 @@ def _decode_step(model: DecoderLM, params, token, active, cache: KVCache):
     return out.logits[:, 0], out.cache
 
 
-@functools.partial(jax.jit, static_argnames=("model", "capacity", "max_new_tokens", "sampling"))
-def _generate_jit(model, params, tokens, lengths, rng, stop_ids, pad_id, capacity, max_new_tokens, sampling):
-    logits, cache = _prefill(model, params, tokens, lengths, capacity)
-    b = tokens.shape[0]
+def _decode_loop(model, params, logits, cache, rng, stop_ids, pad_id, max_new_tokens, sampling):
+    """Samples the first token from the prefill ``logits``, then decodes until ``max_new_tokens`` or every
+    sequence has stopped (a ``lax.while_loop``)."""
+    b = logits.shape[0]
     rng, key = jax.random.split(rng)
     tok = sample_logits(logits, key, sampling)
     done = jnp.isin(tok, stop_ids)
@@ -163,6 +168,53 @@ def _generate_jit(model, params, tokens, lengths, rng, stop_ids, pad_id, capacit
     return out, n_gen
 
 
+@functools.partial(jax.jit, static_argnames=("model", "capacity", "max_new_tokens", "sampling"))
+def _generate_jit(model, params, tokens, lengths, rng, stop_ids, pad_id, capacity, max_new_tokens, sampling):
+    logits, cache = _prefill(model, params, tokens, lengths, capacity)
+    return _decode_loop(model, params, logits, cache, rng, stop_ids, pad_id, max_new_tokens, sampling)
+
+
+_decode_loop_jit = jax.jit(_decode_loop, static_argnames=("model", "max_new_tokens", "sampling"))
+
+
+def shrinks_kv_cache(model: DecoderLM) -> bool:
+    """True when one of the model's methods evicts KV entries at prefill (``shrinks_kv_cache`` attribute, set by
+    the policies of ``jaxeff.methods.kv_eviction``): generation then moves the cache into a smaller one."""
+    return any(getattr(m, "shrinks_kv_cache", False) for m in model.methods)
+
+
+def prefill(
+    model: DecoderLM,
+    params: dict,
+    prompt_tokens,
+    *,
+    max_new_tokens: int,
+    prompt_lengths=None,
+    cache_capacity: int | None = None,
+):
+    """Runs the prefill of :func:`generate` and returns ``(logits [B, V] at each prompt's last token, cache)``,
+    the cache having room for ``max_new_tokens`` more tokens per sequence.
+
+    When the model evicts KV entries at prefill (:func:`shrinks_kv_cache`), the cache is then moved into one of
+    ``round_up(longest kept row, 16) + max_new_tokens`` slots (never more than it had), so its memory
+    (``cache.nbytes()``) follows the policy's keep ratio; this reads the kept lengths on the host.
+    """
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens: expected >= 1, got {max_new_tokens}")
+    tokens, lengths = prepare_prompts(prompt_tokens, prompt_lengths, model.config.vocab_size)
+    capacity = _capacity(int(lengths.max()), max_new_tokens, cache_capacity)  # pads take no slots
+    logits, cache = _prefill(model, params, jnp.asarray(tokens), jnp.asarray(lengths), capacity)
+    if shrinks_kv_cache(model):
+        kept = int(jax.device_get(jnp.max(cache.length)))
+        smaller = _round_up(max(kept, 1), PROMPT_BUCKET) + max_new_tokens
+        if smaller < cache.capacity:
+            cache = _resize(cache, smaller)
+    return logits, cache
+
+
+_resize = jax.jit(KVCache.resize, static_argnums=1)
+
+
 def _stop_ids(model: DecoderLM, stop_tokens) -> np.ndarray:
     if stop_tokens is None:
         eos = model.config.eos_token_id
@@ -180,10 +232,10 @@ def generate(
     temperature: float = 0.0,
     top_k: int = 0,
     top_p: float = 1.0,
-    stop_tokens: Optional[Sequence[int]] = None,
-    rng: Optional[jax.Array] = None,
+    stop_tokens: Sequence[int] | None = None,
+    rng: jax.Array | None = None,
     prompt_lengths=None,
-    cache_capacity: Optional[int] = None,
+    cache_capacity: int | None = None,
     pad_id: int = 0,
     return_lengths: bool = False,
 ):
@@ -206,13 +258,21 @@ def generate(
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens: expected >= 1, got {max_new_tokens}")
     sampling = SamplingConfig(float(temperature), int(top_k), float(top_p))
-    tokens, lengths = prepare_prompts(prompt_tokens, prompt_lengths, model.config.vocab_size)
-    capacity = _capacity(int(lengths.max()), max_new_tokens, cache_capacity)  # pads take no slots
     rng = jax.random.key(0) if rng is None else rng
-    out, n_gen = _generate_jit(
-        model, params, jnp.asarray(tokens), jnp.asarray(lengths), rng, jnp.asarray(_stop_ids(model, stop_tokens)),
-        jnp.int32(pad_id), capacity, int(max_new_tokens), sampling,
-    )
+    stop_ids = jnp.asarray(_stop_ids(model, stop_tokens))
+    if shrinks_kv_cache(model):  # prefill, shrink the cache on the host, then the jitted decode loop
+        logits, cache = prefill(model, params, prompt_tokens, max_new_tokens=max_new_tokens,
+                                prompt_lengths=prompt_lengths, cache_capacity=cache_capacity)
+        out, n_gen = _decode_loop_jit(
+            model, params, logits, cache, rng, stop_ids, jnp.int32(pad_id), int(max_new_tokens), sampling
+        )
+    else:  # one jitted call
+        tokens, lengths = prepare_prompts(prompt_tokens, prompt_lengths, model.config.vocab_size)
+        capacity = _capacity(int(lengths.max()), max_new_tokens, cache_capacity)  # pads take no slots
+        out, n_gen = _generate_jit(
+            model, params, jnp.asarray(tokens), jnp.asarray(lengths), rng, stop_ids, jnp.int32(pad_id), capacity,
+            int(max_new_tokens), sampling,
+        )
     out, n_gen = np.asarray(out), np.asarray(n_gen)
     return (out, n_gen) if return_lengths else out
 
@@ -226,22 +286,20 @@ def generate_stream(
     temperature: float = 0.0,
     top_k: int = 0,
     top_p: float = 1.0,
-    stop_tokens: Optional[Sequence[int]] = None,
-    rng: Optional[jax.Array] = None,
-    cache_capacity: Optional[int] = None,
+    stop_tokens: Sequence[int] | None = None,
+    rng: jax.Array | None = None,
+    cache_capacity: int | None = None,
 ) -> Iterator[np.ndarray]:
     """Like :func:`generate`, but yields the next token of every sequence (``[B]`` numpy) after each step.
     A sequence that has stopped yields ``-1``. Stops once every sequence has stopped."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens: expected >= 1, got {max_new_tokens}")
     sampling = SamplingConfig(float(temperature), int(top_k), float(top_p))
-    tokens, lengths = prepare_prompts(prompt_tokens, None, model.config.vocab_size)
-    capacity = _capacity(int(lengths.max()), max_new_tokens, cache_capacity)  # pads take no slots
     rng = jax.random.key(0) if rng is None else rng
     stop = _stop_ids(model, stop_tokens)
     sample = jax.jit(sample_logits, static_argnames=("cfg",))
-    logits, cache = _prefill(model, params, jnp.asarray(tokens), jnp.asarray(lengths), capacity)
-    done = np.zeros(tokens.shape[0], bool)
+    logits, cache = prefill(model, params, prompt_tokens, max_new_tokens=max_new_tokens, cache_capacity=cache_capacity)
+    done = np.zeros(logits.shape[0], bool)
     for step in range(max_new_tokens):
         rng, key = jax.random.split(rng)
         tok = np.asarray(sample(logits, key, cfg=sampling))

@@ -12,23 +12,10 @@ import pytest
 
 from jaxeff import DecoderLM, Hooks, KVCache, LayerKV, LMConfig
 from jaxeff.attention.dense import dense_attention
-from jaxeff.cache import append_kv
+from jaxeff.cache import append_kv, compact_kv
 
 FAST = {"xla_backend_optimization_level": 0}  # tiny programs: LLVM optimisation only costs compile time
 VOCAB, CAP = 64, 16
-
-
-def compact_kv(kv: LayerKV, keep: jax.Array) -> LayerKV:
-    """Keeps the filled slots where ``keep`` ``[B, Hkv, S]`` is True, moved to the front of each row in their
-    original order, with their positions; every other slot becomes empty (``pos`` -1) and ``length`` drops to the
-    number kept. What an eviction policy does to a row."""
-    keep = keep & (kv.pos >= 0)
-    order = jnp.argsort(jnp.logical_not(keep).astype(jnp.int8), axis=-1, stable=True)  # kept slots first
-    n_kept = jnp.sum(keep, axis=-1, dtype=jnp.int32)
-    gather = lambda a: jnp.take_along_axis(a, order[..., None], axis=2)  # noqa: E731
-    pos = jnp.take_along_axis(kv.pos, order, axis=-1)
-    pos = jnp.where(jnp.arange(kv.capacity) < n_kept[..., None], pos, -1)
-    return LayerKV(k=gather(kv.k), v=gather(kv.v), pos=pos, length=n_kept)
 
 
 def tiny_model() -> tuple[DecoderLM, dict]:
@@ -127,7 +114,7 @@ def test_truncate_then_redecode_equals_never_decoding_rejected_tokens(model_para
     prompt_len, block, b = 6, 3, 2
     truth = rng.integers(0, VOCAB, size=(b, CAP)).astype(np.int32)  # the sequence that survives
     accepted = [np.array([1, 0]), np.array([3, 2])]  # tokens kept from each block, per sequence
-    ones = lambda n: jnp.ones((b, n), bool)  # noqa: E731
+    ones = lambda n: jnp.ones((b, n), bool)
 
     cache = model.init_cache(b, CAP)
     logits, cache = forward_cache(model, params, jnp.asarray(truth[:, :prompt_len]), cache, ones(prompt_len))
