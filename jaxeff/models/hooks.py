@@ -25,6 +25,7 @@ and a method's parameters save and load on their own.
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any, Callable, NamedTuple, Protocol
 
 import jax
@@ -48,6 +49,8 @@ class LayerContext:
       method_params: ``{method name: this layer's parameters}``.
       rng: a PRNG key for stochastic methods, or None.
       aux: per-layer outputs collected for the caller (losses, statistics); use :meth:`record`.
+      scratch: values one hook leaves for a later hook of the same layer (e.g. a gate computed in ``attention``
+        and read again in ``kv_compress``); never returned.
     """
 
     config: Any
@@ -59,6 +62,7 @@ class LayerContext:
     method_params: dict
     rng: Any = None
     aux: dict = dataclasses.field(default_factory=dict)
+    scratch: dict = dataclasses.field(default_factory=dict)
 
     def record(self, name: str, value) -> None:
         """Adds a per-layer auxiliary output; ``LMOutput.aux[name]`` stacks it over layers."""
@@ -79,7 +83,37 @@ def default_kv_update(kv: LayerKV, k: jax.Array, v: jax.Array, ctx: LayerContext
 
 
 def default_attention(q: jax.Array, kv: LayerKV, ctx: LayerContext) -> jax.Array:
+    """Dense attention; a decode step on TPU/GPU runs the ragged decode kernel instead (see
+    :func:`decode_kernel_enabled`), which reads only each row's occupied K/V blocks."""
+    if ctx.mode == "decode" and decode_kernel_enabled():
+        out = _kernel_decode_attention(q, kv, ctx)
+        if out is not None:
+            return out
     return dense_attention(q, kv, ctx.positions, sliding_window=ctx.config.sliding_window)
+
+
+KERNELS_ENV = "JAXEFF_KV_KERNELS"
+
+
+def decode_kernel_enabled() -> bool:
+    """Whether decode steps use the Pallas ragged decode-attention kernel (``pallas_kernels.kv_eviction``): on TPU
+    and GPU by default; ``JAXEFF_KV_KERNELS=off`` keeps the XLA path everywhere. Read at trace time."""
+    if os.environ.get(KERNELS_ENV, "auto").lower() in ("0", "off", "false", "none"):
+        return False
+    return jax.default_backend() in ("tpu", "gpu", "cuda", "rocm")
+
+
+def _kernel_decode_attention(q: jax.Array, kv: LayerKV, ctx: LayerContext):
+    """``[B, 1, Hq, D]`` from the kernel, or None when the cache's shapes do not meet the kernel's layout rules
+    (e.g. head dims Triton cannot tile), in which case the caller falls back to dense attention."""
+    from pallas_kernels.kv_eviction import ragged_decode_attention
+
+    try:
+        out = ragged_decode_attention(q[:, 0], kv.k, kv.v, kv.pos, kv.length, ctx.positions[:, 0],
+                                      sliding_window=ctx.config.sliding_window)
+    except ValueError:
+        return None
+    return out[:, None]
 
 
 def default_kv_compress(kv: LayerKV, q: jax.Array, ctx: LayerContext) -> LayerKV:

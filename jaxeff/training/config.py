@@ -14,6 +14,7 @@ from typing import Literal, Optional
 from jaxeff.config import ConfigError, config_error
 from jaxeff.data.kjv import DEFAULT_HELDOUT_BOOKS, check_books
 from jaxeff.data.tokenizer import BYTE_ALPHABET_SIZE
+from jaxeff.methods.kv_eviction.attention_gate import AttentionGate
 from jaxeff.models.config import LMConfig
 from jaxeff.sharding import DEFAULT_RULES, MESH_AXES, MeshConfig
 
@@ -98,6 +99,9 @@ class LoopConfig:
       eval_batch_size: sequences per evaluation batch (null: ``batch_size // grad_accum``).
       eval_at_start: also evaluate before the first step (the starting point of a fine-tune).
       progress: show a tqdm progress bar (process 0 only).
+      trainable: ``"all"`` trains every parameter; ``"methods"`` trains only the applied methods' parameters
+        (``params["methods"]``, e.g. Attention-Gate's gates) with the base model frozen: its weights get no
+        gradient, no optimizer state and no update.
     """
 
     steps: int = 200
@@ -109,6 +113,7 @@ class LoopConfig:
     eval_batch_size: Optional[int] = None
     eval_at_start: bool = False
     progress: bool = True
+    trainable: Literal["all", "methods"] = "all"
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "grad_accum", "log_every"):
@@ -195,6 +200,8 @@ class TrainConfig:
         instead of a random initialisation.
       output_dir: the run directory: config, tokenizer, metrics (JSONL + TensorBoard) and checkpoints.
       seed: parameter initialisation, data order and the per-step RNG all derive from it.
+      attention_gate: apply Attention-Gate (learned KV eviction, ``jaxeff.methods.kv_eviction``) with these
+        settings; its eviction loss is added to the training loss and its keep rate is logged.
     """
 
     model: LMConfig = LMConfig(vocab_size=512)  # a byte-level BPE needs > 256 entries
@@ -207,6 +214,7 @@ class TrainConfig:
     distributed: DistributedConfig = DistributedConfig()
     output_dir: str = "runs/lm"
     seed: int = 0
+    attention_gate: Optional[AttentionGate] = None
 
     def __post_init__(self):
         if self.init_from is None and self.data.seq_len > self.model.max_position_embeddings:
@@ -223,9 +231,16 @@ class TrainConfig:
                 "model.vocab_size", f">= {BYTE_ALPHABET_SIZE + 1} to train a byte-level BPE (256 bytes + end-of-text)",
                 self.model.vocab_size,
             )
+        if self.train.trainable == "methods" and self.attention_gate is None:
+            raise config_error("train.trainable", "'all' (no method with parameters is applied)", "methods")
         if self.tokenizer_kind == "pretrained" and self.init_from is None:
             raise config_error("data.tokenizer", "'bpe' or a tokenizer directory when init_from is null",
                                self.data.tokenizer)
+
+    @property
+    def methods(self) -> tuple:
+        """The methods to apply to the model, in order."""
+        return () if self.attention_gate is None else (self.attention_gate,)
 
     @property
     def tokenizer_kind(self) -> str:

@@ -33,7 +33,24 @@ def decay_mask(params) -> dict:
     return jax.tree_util.tree_map_with_path(keep, params)
 
 
-def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransformation:
+def make_optimizer(cfg: OptimConfig, total_steps: int, trainable: str = "all",
+                   params=None) -> optax.GradientTransformation:
+    """Clipping + AdamW over the trainable parameters. ``trainable="methods"``: only ``params["methods"]`` is
+    trained; the base model's leaves get zero updates and no optimizer state (``optax.set_to_zero``); ``params``
+    (arrays or ``jax.ShapeDtypeStruct``s) then gives the tree structure."""
+    inner = _adamw(cfg, total_steps)
+    if trainable == "all":
+        return inner
+    if params is None:
+        raise ValueError(f"make_optimizer: params: expected the parameter tree (or its shapes) with "
+                         f"trainable={trainable!r}, got None")
+    from jaxeff.training.steps import trainable_mask
+
+    labels = jax.tree.map(lambda t: "train" if t else "frozen", trainable_mask(params, trainable))
+    return optax.multi_transform({"train": inner, "frozen": optax.set_to_zero()}, labels)
+
+
+def _adamw(cfg: OptimConfig, total_steps: int) -> optax.GradientTransformation:
     parts = []
     if cfg.clip_norm is not None:
         parts.append(optax.clip_by_global_norm(cfg.clip_norm))

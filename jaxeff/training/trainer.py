@@ -52,6 +52,11 @@ from jaxeff.training.steps import (
 # point (after the step's checkpoint save was issued and its metrics were written).
 PAUSE_ENV = "JAXEFF_TEST_PAUSE_AT_STEP"
 
+# Steps dispatched ahead of the devices at most. Metrics are fetched only every ``log_every`` steps; without a
+# bound, dozens of queued steps with collectives over many simulated CPU devices can stall XLA's CPU all-reduce
+# rendezvous (observed with jax 0.10.2 and 8 host devices). Waiting for a step 8 behind costs nothing measurable.
+_MAX_IN_FLIGHT = 8
+
 
 @dataclasses.dataclass
 class TrainResult:
@@ -66,6 +71,7 @@ class TrainResult:
     unigram_ppl: float
     tokens_per_s: float
     wall_time_s: float
+    eval_metrics: dict = dataclasses.field(default_factory=dict)  # the methods' held-out metrics (gate_keep)
 
 
 def initialize_distributed(cfg: TrainConfig) -> None:
@@ -85,18 +91,37 @@ def initialize_distributed(cfg: TrainConfig) -> None:
 
 
 def resolve_init_from(init_from: str) -> pathlib.Path:
-    """A pretrained model directory from ``init_from`` (``"smollm2"``: the shipped SmolLM2-135M)."""
+    """A pretrained model directory from ``init_from`` (``"smollm2"``: the shipped SmolLM2-135M): a Hugging Face
+    directory (``config.json``) or a training run directory (``model.yaml``, its latest checkpoint)."""
     if init_from == "smollm2":
         from jaxeff import assets
 
         return pathlib.Path(assets.smollm2_path())
     path = pathlib.Path(init_from).expanduser()
-    if not (path / "config.json").is_file():
+    if not ((path / "config.json").is_file() or (path / "model.yaml").is_file()):
         raise ConfigError(
-            f"config field 'init_from': expected 'smollm2' or a Hugging Face model directory with config.json, "
-            f"got {init_from!r}"
+            f"config field 'init_from': expected 'smollm2', a Hugging Face model directory with config.json or a "
+            f"training run directory with model.yaml, got {init_from!r}"
         )
     return path
+
+
+def _load_base(pretrained_dir: pathlib.Path, mesh, load_weights: bool, runtime: dict):
+    """``(LMConfig, params or None)`` of a pretrained HF directory or training run (base parameters only)."""
+    if (pretrained_dir / "config.json").is_file():
+        from jaxeff.checkpoint import load_pretrained, read_hf_config
+
+        if load_weights:
+            model, params = load_pretrained(pretrained_dir, mesh=mesh, **runtime)
+            return model.config, params
+        return read_hf_config(pretrained_dir, **runtime), None
+    from jaxeff.training.run import load_run, run_model
+
+    if load_weights:
+        model, params, _ = load_run(pretrained_dir, mesh=mesh)
+        params = {k: v for k, v in params.items() if k != "methods"}
+        return dataclasses.replace(model.config, **runtime), params
+    return dataclasses.replace(run_model(pretrained_dir).config, **runtime), None
 
 
 def build_model_and_tokenizer(cfg: TrainConfig, mesh, load_weights: bool = True):
@@ -105,16 +130,10 @@ def build_model_and_tokenizer(cfg: TrainConfig, mesh, load_weights: bool = True)
     params = None
     pretrained_dir = None
     if cfg.init_from is not None:
-        from jaxeff.checkpoint import load_pretrained, read_hf_config
-
         pretrained_dir = resolve_init_from(cfg.init_from)
         m = cfg.model
         runtime = dict(dtype=m.dtype, param_dtype=m.param_dtype, scan_layers=m.scan_layers, remat=m.remat)
-        if load_weights:
-            model, params = load_pretrained(pretrained_dir, mesh=mesh, **runtime)
-            pretrained_cfg = model.config
-        else:
-            pretrained_cfg = read_hf_config(pretrained_dir, **runtime)
+        pretrained_cfg, params = _load_base(pretrained_dir, mesh, load_weights, runtime)
         model = DecoderLM(merge_runtime_fields(pretrained_cfg, cfg.model))
     else:
         model = DecoderLM(cfg.model)
@@ -135,7 +154,24 @@ def build_model_and_tokenizer(cfg: TrainConfig, mesh, load_weights: bool = True)
     if model.config.eos_token_id is None and tokenizer.eos_token_id is not None:
         # Recorded in the run's model.yaml, so generation from the run stops at end-of-text by default.
         model = DecoderLM(dataclasses.replace(model.config, eos_token_id=int(tokenizer.eos_token_id)))
+    if cfg.methods:
+        model = model.with_methods(*cfg.methods)
+        if params is not None:  # pretrained base + freshly initialised method parameters
+            params = {**params, "methods": _init_methods(model, mesh, cfg.seed)}
     return model, params, tokenizer
+
+
+def _init_methods(model: DecoderLM, mesh, seed: int) -> dict:
+    """The methods' parameters (``params["methods"]``), initialised straight into their shardings."""
+    axes = model.param_axes()["methods"]
+    key = jax.random.fold_in(jax.random.key(seed), 1)
+
+    def make(k):
+        keys = jax.random.split(k, len(model.methods))
+        return {m.name: m.init(mk, model.config) for m, mk in zip(model.methods, keys)}
+
+    abstract = jax.eval_shape(make, key)
+    return jax.jit(make, out_shardings=shd.tree_shardings(axes, abstract, mesh))(key)
 
 
 def _prepare_run_dir(cfg: TrainConfig, run_dir: pathlib.Path, resume: bool, overwrite: bool, is_main: bool) -> None:
@@ -168,17 +204,27 @@ def _pause_for_test(step: int, run_dir: pathlib.Path) -> None:
             time.sleep(1.0)
 
 
-def evaluate(eval_step, params, windows: np.ndarray, batch_size: int, mesh) -> tuple[float, float]:
-    """``(mean NLL per token, perplexity)`` over all ``windows`` ``[N, T + 1]`` (``N`` a multiple of
-    ``batch_size``); the sums are accumulated in float64 on the host."""
+def evaluate(eval_step, params, windows: np.ndarray, batch_size: int, mesh) -> tuple[float, float, dict]:
+    """``(mean NLL per token, perplexity, methods' metrics)`` over all ``windows`` ``[N, T + 1]`` (``N`` a
+    multiple of ``batch_size``); the sums are accumulated in float64 on the host, the methods' metrics (e.g.
+    Attention-Gate's keep rate) averaged over batches."""
     total, count = 0.0, 0.0
     outs = [eval_step(params, shd.shard_host_batch(windows[i:i + batch_size], mesh))
             for i in range(0, len(windows), batch_size)]
-    for s, c in outs:
+    sums: dict = {}
+    for s, c, m in outs:
         total += float(s)
         count += float(c)
+        for k, v in m.items():
+            sums[k] = sums.get(k, 0.0) + float(v)
     loss = total / count
-    return loss, math.exp(loss)
+    return loss, math.exp(loss), {k: v / len(outs) for k, v in sums.items()}
+
+
+def _describe_eval(metrics: dict) -> str:
+    if "gate_keep" in metrics:
+        return f", Attention-Gate keeps {metrics['gate_keep']:.1%} of the KV entries"
+    return ""
 
 
 def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) -> TrainResult:
@@ -220,7 +266,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) ->
         tokenizer.save_pretrained(str(run_dir))
 
     # ---- state
-    tx = make_optimizer(cfg.optim, loop.steps)
+    tx = make_optimizer(cfg.optim, loop.steps, loop.trainable,
+                        params=jax.eval_shape(model.init, jax.random.key(0)))
     schedule = lr_schedule(cfg.optim, loop.steps)
     shardings = state_shardings(model, tx, mesh)
     manager = ckpt.open_manager(run_dir, keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save) \
@@ -255,7 +302,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) ->
     t_compile = time.time()
     bsh = batch_sharding(mesh, loop.batch_size, seq_len)
     esh = batch_sharding(mesh, eval_bs, seq_len)
-    train_step = jit_train_step(model, tx, mesh, shardings, bsh, loop.grad_accum).lower(
+    train_step = jit_train_step(model, tx, mesh, shardings, bsh, loop.grad_accum, trainable=loop.trainable).lower(
         state, jax.ShapeDtypeStruct((loop.batch_size, seq_len + 1), np.int32, sharding=bsh)).compile()
     eval_step = jit_eval_step(model, mesh, shardings["params"], esh).lower(
         state["params"], jax.ShapeDtypeStruct((eval_bs, seq_len + 1), np.int32, sharding=esh)).compile()
@@ -277,6 +324,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) ->
     losses: dict[int, float] = {}
     pending: list = []
     eval_loss = eval_ppl = None
+    eval_metrics: dict = {}
     train_time = 0.0  # seconds spent in training steps (excludes eval and checkpoint time)
     tokens_done = 0
     t_mark = time.time()
@@ -292,8 +340,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) ->
         tokens_done += n * tokens_per_step
         for (s, _), m in zip(pending, fetched):
             losses[s] = float(m["loss"])
-            logger.log("train", s, {"loss": float(m["loss"]), "nll": float(m["nll"]),
-                                    "grad_norm": float(m["grad_norm"]), "lr": float(schedule(s - 1)),
+            logger.log("train", s, {**{k: float(v) for k, v in m.items()}, "lr": float(schedule(s - 1)),
                                     **({"tokens_per_s": tok_s} if s == step else {})})
         pending.clear()
         bar.set_postfix(loss=f"{losses[step]:.3f}", tok_s=f"{tok_s:,.0f}", refresh=False)
@@ -302,9 +349,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) ->
         t_mark = time.time()
 
     if loop.eval_at_start and restored_step is None:
-        eval_loss, eval_ppl = evaluate(eval_step, state["params"], eval_set, eval_bs, mesh)
-        logger.log("eval", 0, {"loss": eval_loss, "ppl": eval_ppl})
-        say(f"[train] step 0: held-out loss {eval_loss:.4f}, ppl {eval_ppl:.2f}")
+        eval_loss, eval_ppl, eval_metrics = evaluate(eval_step, state["params"], eval_set, eval_bs, mesh)
+        logger.log("eval", 0, {"loss": eval_loss, "ppl": eval_ppl, **eval_metrics})
+        say(f"[train] step 0: held-out loss {eval_loss:.4f}, ppl {eval_ppl:.2f}{_describe_eval(eval_metrics)}")
         t_mark = time.time()
 
     for step in range(start_step + 1, loop.steps + 1):
@@ -312,17 +359,19 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) ->
         position += loop.batch_size
         state, metrics = train_step(state, shd.shard_host_batch(batch, mesh))
         pending.append((step, metrics))
+        if len(pending) > _MAX_IN_FLIGHT:  # bound the steps queued ahead of the devices (see _MAX_IN_FLIGHT)
+            jax.block_until_ready(pending[-_MAX_IN_FLIGHT][1])
         last = step == loop.steps
         if step % loop.log_every == 0 or last:
             flush(step)
         if (loop.eval_every and step % loop.eval_every == 0) or last:
             if pending:
                 flush(step)
-            eval_loss, eval_ppl = evaluate(eval_step, state["params"], eval_set, eval_bs, mesh)
-            logger.log("eval", step, {"loss": eval_loss, "ppl": eval_ppl})
+            eval_loss, eval_ppl, eval_metrics = evaluate(eval_step, state["params"], eval_set, eval_bs, mesh)
+            logger.log("eval", step, {"loss": eval_loss, "ppl": eval_ppl, **eval_metrics})
             logger.flush()
             say(f"[train] step {step}: held-out loss {eval_loss:.4f}, ppl {eval_ppl:.2f} "
-                f"(unigram {unigram_ppl:.2f})")
+                f"(unigram {unigram_ppl:.2f}){_describe_eval(eval_metrics)}")
             t_mark = time.time()
         if manager is not None and cfg.checkpoint.enabled and (
             (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or last
@@ -343,7 +392,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) ->
     tokens_per_s = tokens_done / train_time if train_time > 0 else float("nan")
     wall = time.time() - t_start
     logger.log("final", loop.steps, {"eval_loss": eval_loss, "eval_ppl": eval_ppl, "unigram_ppl": unigram_ppl,
-                                     "tokens_per_s": tokens_per_s, "wall_time_s": wall}, tb=False)
+                                     "tokens_per_s": tokens_per_s, "wall_time_s": wall,
+                                     **{f"eval_{k}": v for k, v in eval_metrics.items()}}, tb=False)
     logger.close()
     if eval_ppl is not None:
         say(f"[train] done in {wall:.1f} s: held-out ppl {eval_ppl:.2f} vs unigram {unigram_ppl:.2f}, "
@@ -351,4 +401,5 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) ->
     return TrainResult(
         run_dir=str(run_dir), start_step=start_step, final_step=loop.steps, losses=losses, eval_ppl=eval_ppl,
         eval_loss=eval_loss, unigram_ppl=unigram_ppl, tokens_per_s=tokens_per_s, wall_time_s=wall,
+        eval_metrics=eval_metrics,
     )

@@ -1,0 +1,368 @@
+"""Attention-Gate: learned, in-context KV-cache eviction (Zeng et al., arXiv 2410.12876).
+
+A small attention-like network before every self-attention layer reads that layer's normed input and emits one
+keep/evict flag per (token, KV head). Tokens flagged "evict" are invisible to every *later* query of that head,
+during training (a multiplicative mask on the attention weights) and at inference (the prefill drops their K/V from
+the cache, which keeps static shapes by compacting the kept entries to the front of each row).
+
+No official code exists; the choices below are ours (the spec's [infer] items), each made so that the method is
+well defined, trainable and exact against its oracles:
+
+* **Gate network** (:class:`GateNet`, a Flax module; one per layer, parameters stacked on a leading layer axis):
+  ``Q', K', V' = X W'_q, X W'_k, X W'_v`` with ``h'`` heads of size ``d'`` (defaults 2 x 32); RoPE on ``Q'``/``K'``
+  with the model's base frequency; causal softmax attention over the tokens of the same forward pass (padding
+  masked); ``Z = concat(A'V') W'_o + b_o`` with one logit per **KV head**. Flags are per KV head, not per query
+  head as in the paper: under grouped-query attention all query heads of a group read the same cached entry, so
+  only a per-KV-head decision frees memory. ``b_o`` starts at ``init_bias`` (+3: ``sigmoid = 0.95``), so an
+  untrained gate keeps nearly everything and the model starts as the dense one.
+* **Flags**: ``s = sigmoid(Z)``, ``f = 1[s > threshold]``; in training the straight-through estimator
+  ``f_ste = f + s - stop_gradient(s)`` (forward exactly {0, 1}, backward ``d f_ste / d Z = sigmoid'(Z)``).
+* **Always kept**: the current token (the diagonal: no query row is ever empty) and the first ``sink_tokens``
+  positions (default 1). Keeping the first token follows the attention-sink observation (StreamingLLM): a large
+  share of every head's attention mass lands on the first token, and removing it shifts every softmax row.
+* **Masked attention**: ``a_ij = m_ij exp(e_ij) / sum_k m_ik exp(e_ik)`` with ``m_ij = f_j`` for ``j < i``
+  (1 on the diagonal and for sinks), computed as the causal softmax times ``m`` then renormalised, so gradients
+  reach ``f``. With every flag 1 this is the dense model.
+* **Eviction loss** (:meth:`AttentionGate.aux_loss`): ``loss_weight * mean_l max(0, keep_l - target_keep)^2``
+  where ``keep_l`` is the mean of ``f_ste`` over the valid (token, KV head) pairs of layer ``l`` (the hinge-squared
+  form of the spec: a gradient only while a layer keeps more than the target; the task loss pulls the other way).
+* **Inference**: at prefill the gate runs on the prompt, the prompt's attention uses the same mask (so the prompt
+  is processed exactly as in training), and the cache keeps only the flagged entries. With ``keep_ratio`` or
+  ``budget`` set, the flags are instead the top ``ceil(keep_ratio * n)`` (or ``budget``) tokens of each row by
+  gate score, sinks first: the same budget as the training-free baselines, for a like-for-like comparison.
+  Decoding appends new tokens without evicting (the paper's gate acts on the prefill).
+* **Parameters** live in ``params["methods"]["attention_gate"]["layers"]``: the base checkpoint's keys are
+  unchanged, and :func:`gate_params` / :func:`with_gate_params` split and join them so gates save and load on
+  their own.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import numbers
+from typing import ClassVar
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxeff.attention.dense import attention_logits, attention_mask
+from jaxeff.cache import LayerKV, compact_kv
+from jaxeff.config import config_error
+from jaxeff.methods.kv_eviction.policy import ceil_ratio, select_keep
+from jaxeff.models.config import RopeScaling
+from jaxeff.models.layers import apply_rope, rope_inv_freq
+
+
+class GateNet(nn.Module):
+    """The per-layer gate: a reduced causal multi-head attention emitting one logit per (token, KV head).
+
+    ``__call__(x [B, T, d], positions [B, T], valid [B, T] bool) -> logits [B, T, num_kv_heads]`` (float32).
+    """
+
+    num_kv_heads: int
+    heads: int = 2
+    head_dim: int = 32
+    rope_theta: float = 10000.0
+    init_bias: float = 3.0
+
+    @nn.compact
+    def __call__(self, x: jax.Array, positions: jax.Array, valid: jax.Array) -> jax.Array:
+        d = x.shape[-1]
+        proj = nn.initializers.normal(stddev=d**-0.5)
+        x = x.astype(jnp.float32)
+        q = jnp.einsum("btd,dhk->bthk", x, self.param("wq", proj, (d, self.heads, self.head_dim)))
+        k = jnp.einsum("btd,dhk->bthk", x, self.param("wk", proj, (d, self.heads, self.head_dim)))
+        v = jnp.einsum("btd,dhk->bthk", x, self.param("wv", proj, (d, self.heads, self.head_dim)))
+        inv_freq = jnp.asarray(rope_inv_freq(self.head_dim, self.rope_theta, RopeScaling()))
+        freqs = positions.astype(jnp.float32)[..., None] * inv_freq
+        emb = jnp.concatenate([freqs, freqs], axis=-1)
+        cos, sin = jnp.cos(emb), jnp.sin(emb)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        logits = jnp.einsum("bqhk,bshk->bhqs", q, k) * self.head_dim**-0.5
+        causal = (positions[:, None, :, None] >= positions[:, None, None, :]) & valid[:, None, None, :]
+        probs = jax.nn.softmax(jnp.where(causal, logits, -1e30), axis=-1)
+        ctx = jnp.einsum("bhqs,bshk->bqhk", probs, v)
+        wo = self.param("wo", nn.initializers.normal(stddev=0.02), (self.heads, self.head_dim, self.num_kv_heads))
+        bo = self.param("bo", nn.initializers.constant(self.init_bias), (self.num_kv_heads,))
+        return jnp.einsum("bqhk,hkn->bqn", ctx, wo) + bo
+
+
+def ste_flags(logits: jax.Array, threshold: float) -> tuple[jax.Array, jax.Array]:
+    """``(f_ste, s)``: hard flags ``1[sigmoid(z) > threshold]`` in the forward pass with the gradient of
+    ``s = sigmoid(z)`` in the backward pass (straight-through), and ``s`` itself."""
+    s = jax.nn.sigmoid(logits.astype(jnp.float32))
+    hard = (s > threshold).astype(jnp.float32)
+    return hard + (s - jax.lax.stop_gradient(s)), s  # (s - s) is exactly 0: the forward value is exactly 0/1
+
+
+def gated_attention(
+    q: jax.Array, kv: LayerKV, q_positions: jax.Array, keep: jax.Array, *, sliding_window: int | None = None,
+) -> jax.Array:
+    """Attention where slot ``s`` of KV head ``h`` counts with weight ``keep[b, h, s]`` (a 0/1 flag, possibly
+    carrying straight-through gradients) for every query but its own (the diagonal always counts).
+
+    q: ``[B, T, Hq, D]``; kv: the layer's keys/values; q_positions: ``[B, T]``; keep: ``[B, Hkv, S]`` float.
+    Returns ``[B, T, Hq, D]`` in ``q.dtype``. Equals ``dense_attention`` when ``keep`` is all ones.
+    """
+    b, t, hq, d = q.shape
+    hkv, dv = kv.v.shape[1], kv.v.shape[-1]
+    logits = attention_logits(q, kv.k, d**-0.5)  # [B, Hkv, G, T, S]
+    mask = attention_mask(q_positions, kv, sliding_window)[:, :, None]  # [B, Hkv, 1, T, S]
+    diag = kv.pos[:, :, None, None, :] == q_positions[:, None, None, :, None]  # [B, Hkv, 1, T, S]
+    weight = jnp.where(diag, 1.0, keep[:, :, None, None, :].astype(jnp.float32))
+    # The softmax's own steps with the weights multiplied in before normalising: with every weight 1 this is
+    # bit-for-bit the dense attention's softmax.
+    masked = jnp.where(mask, logits, -1e30)
+    top = jax.lax.stop_gradient(jnp.max(masked, axis=-1, keepdims=True))
+    unnormalized = jnp.where(mask, jnp.exp(masked - top), 0.0) * weight
+    norm = jnp.sum(unnormalized, axis=-1, keepdims=True)
+    probs = unnormalized / jnp.where(norm > 0, norm, 1.0)
+    probs = probs.reshape(b, hkv, -1, probs.shape[-1]).astype(q.dtype)
+    out = jnp.einsum("bhqs,bhsd->bhqd", probs, kv.v.astype(q.dtype))
+    return out.reshape(b, hkv, hq // hkv, t, dv).transpose(0, 3, 1, 2, 4).reshape(b, t, hq, dv)
+
+
+def _tokens_to_slots(values: jax.Array, kv: LayerKV, positions: jax.Array, fill: float) -> jax.Array:
+    """Spreads per-token values ``[B, T, Hkv]`` of the current forward pass onto the slots ``[B, Hkv, S]`` that
+    hold those tokens (slots of earlier tokens, and empty ones, get ``fill``). Works for any cache layout: a slot is
+    matched by its position, and the current tokens have consecutive positions from ``positions[:, 0]``."""
+    start = positions[:, :1, None]  # [B, 1, 1]
+    t = values.shape[1]
+    offset = kv.pos - start  # [B, Hkv, S]
+    current = (kv.pos >= 0) & (offset >= 0) & (offset < t)
+    idx = jnp.clip(offset, 0, t - 1)
+    per_slot = jnp.take_along_axis(jnp.swapaxes(values, 1, 2), idx, axis=-1)  # [B, Hkv, S]
+    return jnp.where(current, per_slot, fill)
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class AttentionGate:
+    """Learned KV eviction (see the module docstring). Apply with ``model.with_methods(AttentionGate(...))``.
+
+    Attributes:
+      heads, head_dim: the gate's attention heads ``h'`` and their size ``d'``.
+      threshold: ``tau``: a token is kept when ``sigmoid(z) > threshold``.
+      target_keep: ``beta``: the keep rate the eviction loss drives each layer toward (from above).
+      loss_weight: ``lambda``, the weight of the eviction loss.
+      sink_tokens: the first positions that are always kept.
+      init_bias: the gate logit bias at initialisation (a large value starts the model as the dense one).
+      keep_ratio / budget: at inference, keep exactly this share (or number) of each row's prompt tokens by gate
+        score instead of thresholding (None for both: threshold). Training always thresholds.
+    """
+
+    heads: int = 2
+    head_dim: int = 32
+    threshold: float = 0.5
+    target_keep: float = 0.5
+    loss_weight: float = 1.0
+    sink_tokens: int = 1
+    init_bias: float = 3.0
+    keep_ratio: float | None = None
+    budget: int | None = None
+
+    name: ClassVar[str] = "attention_gate"
+    shrinks_kv_cache: ClassVar[bool] = True  # tells ``jaxeff.generate`` to move the cache into a smaller one
+
+    def __post_init__(self):
+        for field in ("heads", "head_dim"):
+            if not _is_int(getattr(self, field)) or getattr(self, field) <= 0:
+                raise config_error(f"AttentionGate.{field}", "a positive int", getattr(self, field))
+        if self.head_dim % 2:
+            raise config_error("AttentionGate.head_dim", "an even int (RoPE rotates pairs)", self.head_dim)
+        if not 0.0 < self.threshold < 1.0:
+            raise config_error("AttentionGate.threshold", "a float in (0, 1)", self.threshold)
+        if not 0.0 < self.target_keep <= 1.0:
+            raise config_error("AttentionGate.target_keep", "a float in (0, 1]", self.target_keep)
+        if self.loss_weight < 0:
+            raise config_error("AttentionGate.loss_weight", "a float >= 0", self.loss_weight)
+        if not _is_int(self.sink_tokens) or self.sink_tokens < 0:
+            raise config_error("AttentionGate.sink_tokens", "an int >= 0", self.sink_tokens)
+        if self.keep_ratio is not None and self.budget is not None:
+            raise config_error("AttentionGate.keep_ratio/budget", "at most one of them",
+                               {"keep_ratio": self.keep_ratio, "budget": self.budget})
+        if self.keep_ratio is not None and not 0.0 < float(self.keep_ratio) <= 1.0:
+            raise config_error("AttentionGate.keep_ratio", "a value in (0, 1]", self.keep_ratio)
+        if self.budget is not None and (not _is_int(self.budget) or self.budget <= 0):
+            raise config_error("AttentionGate.budget", "a positive int (tokens kept per row)", self.budget)
+
+    # ---- the gate network -------------------------------------------------------------------------------------
+
+    def net(self, config) -> GateNet:
+        return GateNet(num_kv_heads=config.num_kv_heads, heads=self.heads, head_dim=self.head_dim,
+                       rope_theta=float(config.rope_theta), init_bias=self.init_bias)
+
+    def check_model(self, config) -> None:
+        needed = ("num_layers", "num_kv_heads", "hidden_size", "rope_theta")
+        missing = [a for a in needed if not hasattr(config, a)]
+        if missing:
+            raise ValueError(
+                f"AttentionGate: model: expected a decoder LM with a KV cache (a config with {', '.join(needed)}), "
+                f"got {type(config).__name__} without {', '.join(missing)}"
+            )
+
+    def init(self, rng: jax.Array, config) -> dict:
+        """``{"layers": GateNet params stacked [L, ...]}``."""
+        self.check_model(config)
+        net = self.net(config)
+        x = jnp.zeros((1, 1, config.hidden_size), jnp.float32)
+        pos = jnp.zeros((1, 1), jnp.int32)
+        ones = jnp.ones((1, 1), bool)
+        keys = jax.random.split(rng, config.num_layers)
+        stacked = jax.vmap(lambda k: net.init(k, x, pos, ones)["params"])(keys)
+        return {"layers": stacked}
+
+    def param_axes(self, config) -> dict:
+        """Logical axes: the input projections shard like the model's embedding axis, the rest is small."""
+        return {"layers": {
+            "wq": ("layers", "embed", None, None), "wk": ("layers", "embed", None, None),
+            "wv": ("layers", "embed", None, None), "wo": ("layers", None, None, "kv_heads"), "bo": ("layers", None),
+        }}
+
+    def gate_logits(self, ctx) -> jax.Array:
+        """``[B, T, Hkv]`` gate logits of the current tokens (computed once per layer and pass)."""
+        if "attention_gate_logits" not in ctx.scratch:
+            params = ctx.method_params[self.name]
+            ctx.scratch["attention_gate_logits"] = self.net(ctx.config).apply(
+                {"params": params}, ctx.hidden, ctx.positions, ctx.token_valid
+            )
+        return ctx.scratch["attention_gate_logits"]
+
+    def token_flags(self, ctx) -> tuple[jax.Array, jax.Array]:
+        """``(flags [B, T, Hkv] float32, scores [B, T, Hkv])``: straight-through flags in training, hard 0/1 flags
+        (threshold, or the per-row budget when ``keep_ratio``/``budget`` is set) otherwise; sinks set to 1 and
+        padding to 0."""
+        logits = self.gate_logits(ctx)
+        flags, scores = ste_flags(logits, self.threshold)
+        valid = ctx.token_valid[..., None]
+        sink = (ctx.positions < self.sink_tokens)[..., None]
+        if ctx.mode != "train":
+            flags = jax.lax.stop_gradient(flags)
+            if self.keep_ratio is not None or self.budget is not None:
+                n = jnp.sum(ctx.token_valid, axis=-1, dtype=jnp.int32)[:, None]  # [B, 1]
+                budget = ceil_ratio(n, self.keep_ratio) if self.keep_ratio is not None else jnp.minimum(n, self.budget)
+                sel = select_keep(jnp.swapaxes(scores, 1, 2), jnp.swapaxes(sink & valid, 1, 2),
+                                  jnp.swapaxes(jnp.broadcast_to(valid, scores.shape), 1, 2), budget)
+                flags = jnp.swapaxes(sel, 1, 2).astype(jnp.float32)
+        flags = jnp.where(sink, 1.0, flags)
+        flags = jnp.where(valid, flags, 0.0)
+        return flags, scores
+
+    # ---- hooks ------------------------------------------------------------------------------------------------
+
+    def wrap(self, hooks):
+        inner_attention, inner_compress = hooks.attention, hooks.kv_compress
+
+        def attention(q, kv, ctx):
+            if ctx.mode == "decode":  # new tokens are appended and kept; the cache holds only kept entries
+                return inner_attention(q, kv, ctx)
+            flags, scores = self.token_flags(ctx)
+            valid = ctx.token_valid[..., None]
+            n = jnp.maximum(jnp.sum(jnp.broadcast_to(valid, flags.shape)), 1)
+            ctx.record("gate_keep", jnp.sum(flags) / n)
+            ctx.record("gate_score", jnp.sum(jnp.where(valid, scores, 0.0)) / n)
+            keep = _tokens_to_slots(flags, kv, ctx.positions, fill=1.0)
+            return gated_attention(q, kv, ctx.positions, keep, sliding_window=ctx.config.sliding_window)
+
+        def kv_compress(kv, q, ctx):
+            kv = inner_compress(kv, q, ctx)
+            if ctx.mode != "prefill":
+                return kv
+            if self.budget is not None and self.budget > kv.capacity:
+                raise ValueError(
+                    f"AttentionGate.budget: expected at most the cache capacity ({kv.capacity} slots per row), "
+                    f"got {self.budget}"
+                )
+            flags, _ = self.token_flags(ctx)
+            keep = _tokens_to_slots(flags, kv, ctx.positions, fill=1.0) > 0.5
+            kept = compact_kv(kv, keep)
+            ctx.record("kv_kept", kept.length)
+            return kept
+
+        return hooks.replace(attention=attention, kv_compress=kv_compress)
+
+    # ---- training ---------------------------------------------------------------------------------------------
+
+    def aux_loss(self, aux: dict) -> tuple[jax.Array, dict]:
+        """``(loss_weight * mean_l max(0, keep_l - target_keep)^2, metrics)`` from the forward pass's ``aux``
+        (``gate_keep``: ``[L]``, the straight-through keep rate of each layer)."""
+        keep = aux["gate_keep"]
+        loss = jnp.mean(jnp.square(jnp.maximum(keep - self.target_keep, 0.0)))
+        return self.loss_weight * loss, {"gate_keep": jnp.mean(keep), "evict_loss": loss}
+
+
+def gate_params(params: dict) -> dict:
+    """The gate parameters alone (what to save next to a base checkpoint)."""
+    try:
+        return params["methods"][AttentionGate.name]
+    except KeyError:
+        raise KeyError("params: expected params['methods']['attention_gate'] (a model with AttentionGate)") from None
+
+
+def with_gate_params(params: dict, gates: dict) -> dict:
+    """Base parameters joined with gate parameters saved by :func:`gate_params` (no copy of the base)."""
+    methods = dict(params.get("methods", {}))
+    methods[AttentionGate.name] = gates
+    return {**params, "methods": methods}
+
+
+GATES_FILE = "attention_gate.safetensors"
+GATE_CONFIG_FILE = "attention_gate.json"
+
+
+def save_gates(directory, gate: AttentionGate, params: dict) -> None:
+    """Writes the gates alone (``attention_gate.safetensors``: one tensor per ``layers/<name>``, stacked over
+    layers) and their settings (``attention_gate.json``) into ``directory``, next to or apart from the base
+    checkpoint. ``params``: the full model parameters or the gate subtree."""
+    import json
+    import pathlib
+
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    gates = gate_params(params) if "methods" in params else params
+    directory = pathlib.Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    flat = {f"layers/{k}": np.asarray(jax.device_get(v)) for k, v in gates["layers"].items()}
+    save_file(flat, str(directory / GATES_FILE))
+    fields = {f.name: getattr(gate, f.name) for f in dataclasses.fields(gate)}
+    (directory / GATE_CONFIG_FILE).write_text(json.dumps(fields, indent=2) + "\n")
+
+
+def load_gates(directory, config=None) -> tuple[AttentionGate, dict]:
+    """``(AttentionGate, gate parameters)`` saved by :func:`save_gates`. With the model's ``config``, the shapes
+    are checked against the gate that config needs (a clear error for gates trained on another model)."""
+    import json
+    import pathlib
+
+    from safetensors.numpy import load_file
+
+    from jaxeff.config import from_dict
+
+    directory = pathlib.Path(directory)
+    missing = [f for f in (GATES_FILE, GATE_CONFIG_FILE) if not (directory / f).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{str(directory)!r}: expected saved Attention-Gate files, missing {missing}")
+    gate = from_dict(AttentionGate, json.loads((directory / GATE_CONFIG_FILE).read_text()), "attention_gate")
+    flat = load_file(str(directory / GATES_FILE))
+    gates = {"layers": {k.split("/", 1)[1]: jnp.asarray(v) for k, v in flat.items()}}
+    if config is not None:
+        want = jax.eval_shape(lambda k: gate.init(k, config), jax.random.key(0))["layers"]
+        got = {k: tuple(v.shape) for k, v in gates["layers"].items()}
+        expected = {k: tuple(v.shape) for k, v in want.items()}
+        if got != expected:
+            raise ValueError(f"{str(directory)!r}: gate shapes {got} do not fit this model (expected {expected})")
+    return gate, gates
+
+
+def eviction_ratio(aux: dict) -> jax.Array:
+    """``1 - mean keep rate`` over layers, from a forward pass's ``aux`` (prompt tokens x KV heads)."""
+    return 1.0 - jnp.mean(aux["gate_keep"])
+
+
+__all__ = ["AttentionGate", "GateNet", "eviction_ratio", "gate_params", "gated_attention", "load_gates",
+           "save_gates", "ste_flags", "with_gate_params"]

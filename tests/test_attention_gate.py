@@ -1,0 +1,203 @@
+"""Attention-Gate oracles: open gates == the dense model; closed gates leave only the diagonal; masked full forward ==
+prefill + compaction + decode; the straight-through gradient is sigmoid'; the gate is causal; the eviction loss drives
+the keep rate to its target; budgets are exact; gates save and load on their own; bad input gets clear errors."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from jaxeff import DecoderLM, LMConfig, generate
+from jaxeff.cache import LayerKV
+from jaxeff.config import ConfigError
+from jaxeff.generate import prefill
+from jaxeff.methods.kv_eviction import (
+    AttentionGate,
+    gate_params,
+    gated_attention,
+    load_gates,
+    save_gates,
+    ste_flags,
+    with_gate_params,
+)
+
+VOCAB = 64
+CFG = LMConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4, num_kv_heads=2)
+
+
+@pytest.fixture(scope="module")
+def base():
+    model = DecoderLM(CFG)
+    rng = np.random.default_rng(0)
+    shapes = jax.eval_shape(model.init, jax.random.key(0))
+    # std 0.2: O(1) logits, so a wrongly masked token changes them visibly
+    params = jax.tree_util.tree_map_with_path(
+        lambda path, s: jnp.asarray((1.0 if path[-1].key == "scale" else 0.0) + 0.2 * rng.standard_normal(s.shape),
+                                    s.dtype), shapes)
+    return model, params
+
+
+def gated(base, gate: AttentionGate, seed: int = 1, wo_scale: float = 1.0):
+    model, params = base
+    m = model.with_methods(gate)
+    gates = m.init(jax.random.key(seed))["methods"]
+    if wo_scale != 1.0:  # sharper gate decisions than the small default init gives
+        gates["attention_gate"]["layers"]["wo"] = gates["attention_gate"]["layers"]["wo"] * wo_scale
+    return m, {**params, "methods": gates}
+
+
+def tokens(b=2, t=12, seed=0):
+    return jnp.asarray(np.random.default_rng(seed).integers(0, VOCAB, (b, t)), jnp.int32)
+
+
+def test_open_gates_equal_the_dense_model(base):
+    model, params = base
+    m, p = gated(base, AttentionGate(init_bias=50.0))
+    x = tokens()
+    out = m.forward(p, x)
+    np.testing.assert_allclose(np.asarray(out.logits), np.asarray(model.apply(params, x)), atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(out.aux["gate_keep"]), 1.0)
+    # the base parameter tree is untouched by the method: same keys, same arrays
+    assert set(p) - {"methods"} == set(params)
+
+
+def test_closed_gates_leave_only_the_diagonal():
+    rng = np.random.default_rng(1)
+    b, t, hkv, g, d = 2, 6, 2, 2, 8
+    q = jnp.asarray(rng.standard_normal((b, t, hkv * g, d)), jnp.float32)
+    k = jnp.asarray(rng.standard_normal((b, t, hkv, d)), jnp.float32)
+    v = jnp.asarray(rng.standard_normal((b, t, hkv, d)), jnp.float32)
+    pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    kv = LayerKV.from_sequence(k, v, pos, jnp.ones((b, t), bool))
+    out = gated_attention(q, kv, pos, jnp.zeros((b, hkv, t)))
+    # each query head h reads its own token's value of KV head h // g
+    want = jnp.repeat(v, g, axis=2)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(want), atol=1e-6)
+
+
+def test_closed_gates_in_the_model_keep_nothing_but_sinks(base):
+    m, p = gated(base, AttentionGate(init_bias=-50.0, sink_tokens=2))
+    out = m.forward(p, tokens(t=10))
+    np.testing.assert_allclose(np.asarray(out.aux["gate_keep"]), 2 / 10, atol=1e-6)
+
+
+def test_masked_full_forward_equals_prefill_compaction_decode(base):
+    m, p = gated(base, AttentionGate(init_bias=0.0), seed=2, wo_scale=100.0)
+    x = tokens(b=2, t=13, seed=3)
+    full = m.forward(p, x)
+    keep = np.asarray(full.aux["gate_keep"])
+    assert np.all((keep > 0.2) & (keep < 0.9)), keep  # a real mix of kept and evicted tokens
+    cache = m.init_cache(2, 32)
+    logits, cache = m.apply(p, x[:, :-1], cache=cache)
+    np.testing.assert_allclose(np.asarray(logits), np.asarray(full.logits[:, :-1]), atol=1e-5)
+    # the cache really holds fewer entries than the prompt (compacted to the front of each row)
+    lengths = np.asarray(cache.length)
+    assert lengths.sum() < 0.9 * lengths.size * 12 and lengths.min() >= 1
+    np.testing.assert_array_equal((np.asarray(cache.pos) >= 0).sum(-1), lengths)
+    step, cache = m.apply(p, x[:, -1:], cache=cache)
+    np.testing.assert_allclose(np.asarray(step[:, 0]), np.asarray(full.logits[:, -1]), atol=1e-5)
+
+
+def test_ragged_prompts_generate_with_a_smaller_cache(base):
+    m, p = gated(base, AttentionGate(init_bias=0.0, keep_ratio=0.5), seed=2, wo_scale=100.0)
+    prompts = [np.arange(1, 40) % VOCAB, np.arange(5, 22) % VOCAB]
+    _, cache = prefill(m, p, prompts, max_new_tokens=4)
+    n = np.array([39, 17])
+    kept = np.asarray(cache.length)  # [L, B, Hkv]
+    np.testing.assert_array_equal(kept, np.broadcast_to(np.ceil(0.5 * n).astype(int)[None, :, None], kept.shape))
+    out = generate(m, p, prompts, max_new_tokens=4, stop_tokens=[])
+    assert np.asarray(out).shape == (2, 4)
+
+
+def test_straight_through_gradient_is_sigmoid_prime():
+    z = jnp.linspace(-4.0, 4.0, 17)
+    f, s = ste_flags(z, 0.5)
+    assert set(np.unique(np.asarray(f)).tolist()) <= {0.0, 1.0}
+    np.testing.assert_array_equal(np.asarray(f), (np.asarray(s) > 0.5).astype(np.float32))
+    grad = jax.grad(lambda z: jnp.sum(ste_flags(z, 0.5)[0]))(z)
+    sig = jax.nn.sigmoid(z)
+    np.testing.assert_allclose(np.asarray(grad), np.asarray(sig * (1 - sig)), rtol=1e-6)
+
+
+def test_gate_is_causal(base):
+    m, p = gated(base, AttentionGate(init_bias=0.0), seed=2, wo_scale=100.0)
+    x = tokens(b=1, t=10, seed=5)
+    y = x.at[0, 6].set((x[0, 6] + 7) % VOCAB)
+    a, b = m.forward(p, x), m.forward(p, y)
+    np.testing.assert_allclose(np.asarray(a.logits[:, :6]), np.asarray(b.logits[:, :6]), atol=1e-6)
+    assert not np.allclose(np.asarray(a.logits[:, 6:]), np.asarray(b.logits[:, 6:]))
+
+
+def test_eviction_loss_drives_the_keep_rate_to_its_target(base):
+    gate = AttentionGate(target_keep=0.4, init_bias=3.0)
+    m, p = gated(base, gate)
+    x = tokens(b=4, t=16, seed=7)
+    tx = optax.sgd(5.0)
+    g = p["methods"]
+    state = tx.init(g)
+
+    @jax.jit
+    def step(g, state):
+        def loss(g):
+            aux = m.forward({**p, "methods": g}, x).aux
+            return gate.aux_loss(aux)
+
+        (value, metrics), grads = jax.value_and_grad(loss, has_aux=True)(g)
+        updates, state = tx.update(grads, state)
+        return optax.apply_updates(g, updates), state, metrics
+
+    keeps = []
+    for _ in range(40):
+        g, state, metrics = step(g, state)
+        keeps.append(float(metrics["gate_keep"]))
+    assert keeps[0] > 0.9
+    # the hinge stops pushing once a layer is at the target: the rate settles just below it
+    assert 0.3 <= keeps[-1] <= 0.42, keeps[-10:]
+
+
+def test_budget_keeps_exactly_its_tokens(base):
+    m, p = gated(base, AttentionGate(budget=5, sink_tokens=1), seed=2, wo_scale=100.0)
+    x = tokens(b=2, t=12, seed=8)
+    cache = m.init_cache(2, 16)
+    _, cache = m.apply(p, x, cache=cache)
+    np.testing.assert_array_equal(np.asarray(cache.length), 5)
+    assert np.all(np.asarray(cache.pos)[..., 0] == 0)  # the sink is always kept
+
+
+def test_gates_save_and_load_on_their_own(base, tmp_path):
+    gate = AttentionGate(heads=2, head_dim=16, target_keep=0.3)
+    m, p = gated(base, gate, seed=4)
+    save_gates(tmp_path, gate, p)
+    gate2, gates = load_gates(tmp_path, CFG)
+    assert gate2 == gate
+    p2 = with_gate_params(base[1], gates)
+    x = tokens()
+    np.testing.assert_array_equal(np.asarray(m.apply(p2, x)), np.asarray(m.apply(p, x)))
+    jax.tree.map(np.testing.assert_array_equal, gate_params(p2), gate_params(p))
+    other = LMConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
+                     num_kv_heads=2)
+    with pytest.raises(ValueError, match="do not fit this model"):
+        load_gates(tmp_path, other)
+    with pytest.raises(FileNotFoundError, match="missing"):
+        load_gates(tmp_path / "nowhere")
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    ({"keep_ratio": 0.0}, "keep_ratio"), ({"keep_ratio": 1.5}, "keep_ratio"), ({"budget": 0}, "budget"),
+    ({"keep_ratio": 0.5, "budget": 3}, "keep_ratio/budget"), ({"threshold": 1.0}, "threshold"),
+    ({"head_dim": 7}, "head_dim"), ({"target_keep": 0.0}, "target_keep"),
+])
+def test_bad_settings_name_the_field(kwargs, field):
+    with pytest.raises(ConfigError, match=f"AttentionGate.{field}"):
+        AttentionGate(**kwargs)
+
+
+def test_budget_larger_than_the_cache_and_unsupported_model(base):
+    m, p = gated(base, AttentionGate(budget=40))
+    with pytest.raises(ValueError, match="at most the cache capacity"):
+        m.apply(p, tokens(), cache=m.init_cache(2, 16))
+    with pytest.raises(ValueError, match="expected a decoder LM"):
+        AttentionGate().init(jax.random.key(0), object())
