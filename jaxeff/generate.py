@@ -79,8 +79,22 @@ def _round_up(n: int, m: int) -> int:
 def prepare_prompts(
     prompt_tokens, prompt_lengths=None, vocab_size: int | None = None, bucket: int = PROMPT_BUCKET
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Right-pads prompts to a bucketed length. Accepts a list of token lists, or an int array ``[B, T]`` (with
-    optional ``prompt_lengths [B]``). Returns ``(tokens [B, T'], lengths [B])`` as numpy int32."""
+    """Right-pads prompts to a bucketed length. Accepts a list of token lists, an int array ``[B, T]`` (with
+    optional ``prompt_lengths [B]``), or a tokenizer's output (a mapping with ``input_ids``, e.g. the
+    ``BatchEncoding`` of ``apply_chat_template``; a right-padded batch's ``attention_mask`` gives the lengths).
+    Returns ``(tokens [B, T'], lengths [B])`` as numpy int32."""
+    if hasattr(prompt_tokens, "keys") and "input_ids" in prompt_tokens:
+        mask = prompt_tokens.get("attention_mask")
+        ids = prompt_tokens["input_ids"]
+        if mask is not None and prompt_lengths is None and not isinstance(ids, (list, tuple)):
+            mask = np.asarray(mask).reshape(-1, np.shape(mask)[-1]).astype(bool)
+            if np.any(mask[:, 1:] & ~mask[:, :-1]):
+                raise ValueError("prompt_tokens: expected right-padded prompts (attention_mask 1...1 0...0), got "
+                                 "left padding; tokenize with padding_side='right'")
+            prompt_lengths = mask.sum(-1)
+        prompt_tokens = ids
+        if isinstance(ids, (list, tuple)) and ids and np.isscalar(ids[0]):
+            prompt_tokens = [ids]  # one prompt as a flat list
     if isinstance(prompt_tokens, (list, tuple)) and (len(prompt_tokens) == 0 or not np.isscalar(prompt_tokens[0])):
         seqs = [np.asarray(p, dtype=np.int64).reshape(-1) for p in prompt_tokens]
         if not seqs:

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from jaxeff import DecoderLM, LMConfig, SamplingConfig, generate, generate_stream
-from jaxeff.generate import sample_logits
+from jaxeff.generate import prepare_prompts, sample_logits
 
 FAST = {"xla_backend_optimization_level": 0}  # tiny programs: LLVM optimisation only costs compile time
 VOCAB = 64
@@ -385,3 +385,15 @@ def test_cli_bad_arguments_fail_clearly(hf_dir, tmp_path, capsys):
         assert main(argv) == 2, argv
         _, err = capsys.readouterr()
         assert err.startswith("error: ") and message in err, (argv, err)
+
+
+def test_prepare_prompts_accepts_tokenizer_output():
+    # a BatchEncoding-like mapping: one chat-templated prompt as a flat list, or a right-padded batch with a mask
+    tokens, lengths = prepare_prompts({"input_ids": [5, 6, 7]})
+    assert lengths.tolist() == [3] and tokens[0, :3].tolist() == [5, 6, 7]
+    batch = {"input_ids": np.array([[5, 6, 7], [8, 0, 0]]), "attention_mask": np.array([[1, 1, 1], [1, 0, 0]])}
+    tokens, lengths = prepare_prompts(batch)
+    assert lengths.tolist() == [3, 1] and tokens[1, 0] == 8
+    left = {"input_ids": np.array([[5, 6, 7], [0, 0, 8]]), "attention_mask": np.array([[1, 1, 1], [0, 0, 1]])}
+    with pytest.raises(ValueError, match="right-padded"):
+        prepare_prompts(left)
