@@ -2,18 +2,20 @@
 
     python -m benchmarks.lm_vs_transformers [--quick] [--model PATH] [--out results.jsonl]
 
-Both run in this process on the same machine, the same number of threads and float32 weights. Prints one JSON
+Both run in this process on the same machine, the same number of threads and float32 weights, and their timed
+calls alternate within every repeat (so a change in the machine's load affects both alike). Prints one JSON
 object per line: ``{"bench", "impl", "metric", "value", "unit", ...}``. Metrics:
 
 * ``prefill_ms``: one forward pass over a ``--prefill-len``-token prompt (batch 1) that fills the KV cache and
   returns the last position's logits (transformers: ``use_cache=True, logits_to_keep=1``), median of repeats.
 * ``decode_tok_s``: greedy decoding speed after a short prompt, ``(N - 1) / (t(N tokens) - t(1 token))`` with
   both timed end to end through each library's ``generate``, so prefill and per-call overhead cancel.
-* ``compile_s`` (jaxeff only): time of the first prefill and the first generate call minus their steady-state
-  times (jit tracing and XLA compilation).
+* ``compile_s`` (jaxeff only): time of the first prefill and generate calls minus their steady-state times (jit
+  tracing and XLA compilation).
 * ``greedy_match``: whether the two libraries produced the same greedy tokens (1.0 = identical).
 
-``--model random`` uses randomly initialised weights of SmolLM2-135M's shape (no asset needed).
+``--model random`` uses randomly initialised weights of SmolLM2-135M's shape (no asset needed); ``--model
+random-tiny`` a 2-layer random Llama (a smoke test of the benchmark itself).
 """
 
 from __future__ import annotations
@@ -42,13 +44,10 @@ def _emit(rows: list, out, **row):
         out.flush()
 
 
-def _median_time(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+def _time(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
 
 
 def _smollm2_config_dict() -> dict:
@@ -60,17 +59,22 @@ def _smollm2_config_dict() -> dict:
     }
 
 
+def _tiny_config_dict() -> dict:
+    return {**_smollm2_config_dict(), "vocab_size": 512, "hidden_size": 64, "intermediate_size": 128,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2}
+
+
 def _prepare_model_dir(model_arg: str, tmp: str) -> str:
     if model_arg == "smollm2":
         from jaxeff import assets
 
         return str(assets.smollm2_path())
-    if model_arg == "random":
+    if model_arg in ("random", "random-tiny"):
         import torch
         import transformers
 
         torch.manual_seed(0)
-        cfg = transformers.LlamaConfig(**_smollm2_config_dict())
+        cfg = transformers.LlamaConfig(**(_smollm2_config_dict() if model_arg == "random" else _tiny_config_dict()))
         model = transformers.LlamaForCausalLM(cfg).eval()
         model.save_pretrained(tmp)
         return tmp
@@ -80,7 +84,8 @@ def _prepare_model_dir(model_arg: str, tmp: str) -> str:
 def main(argv=None) -> list:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer repeats and tokens (a few minutes)")
-    ap.add_argument("--model", default="smollm2", help="'smollm2' (default), 'random' or an HF directory")
+    ap.add_argument("--model", default="smollm2",
+                    help="'smollm2' (default), 'random', 'random-tiny' or an HF directory")
     ap.add_argument("--prefill-len", type=int, default=512)
     ap.add_argument("--decode-tokens", type=int, default=None)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
@@ -110,71 +115,74 @@ def main(argv=None) -> list:
 
     with tempfile.TemporaryDirectory() as tmp:
         path = _prepare_model_dir(args.model, tmp)
-        model_name = "SmolLM2-135M" + (" (random weights)" if args.model == "random" else "")
+        model_name = {"random": "SmolLM2-135M (random weights)", "random-tiny": "tiny Llama (random weights)"}.get(
+            args.model, "SmolLM2-135M" if args.model == "smollm2" else args.model)
         common["model"] = model_name
         rng = np.random.default_rng(0)
-        prompt = rng.integers(0, 49152, size=(1, args.prefill_len)).astype(np.int64)
+        vocab = json.loads(open(os.path.join(path, "config.json")).read())["vocab_size"]
+        prompt = rng.integers(0, vocab, size=(1, args.prefill_len)).astype(np.int64)
         short = prompt[:, :16]
 
-        # ---- jaxeff -----------------------------------------------------------------------------------------
+        # ---- jaxeff: load, compile (timed separately)
         model, params = jaxeff.load_pretrained(path)
         toks, lens = prepare_prompts(prompt, vocab_size=model.config.vocab_size)
         capacity = toks.shape[1] + 64
         jt, jl = jnp.asarray(toks), jnp.asarray(lens)
 
         def jax_prefill():
-            logits, cache = _prefill(model, params, jt, jl, capacity)
+            logits, _ = _prefill(model, params, jt, jl, capacity)
             jax.block_until_ready(logits)
-
-        t0 = time.perf_counter()
-        jax_prefill()
-        first_prefill = time.perf_counter() - t0
-        prefill_s = _median_time(jax_prefill, repeats)
-        _emit(rows, out, impl="jaxeff", metric="prefill_ms", value=prefill_s * 1e3, unit="ms",
-              prompt_len=args.prefill_len, **common)
 
         def jax_gen(n):
             return jaxeff.generate(model, params, short, max_new_tokens=n, stop_tokens=[])
 
         t0 = time.perf_counter()
+        jax_prefill()
         jax_gen(1)
         jax_gen(n_new)
-        first_gen = time.perf_counter() - t0
-        t1 = _median_time(lambda: jax_gen(1), repeats)
-        tn = _median_time(lambda: jax_gen(n_new), max(2, repeats // 2))
-        jax_tokens = jax_gen(n_new)[0]
-        _emit(rows, out, impl="jaxeff", metric="decode_tok_s", value=(n_new - 1) / (tn - t1), unit="tok/s",
-              new_tokens=n_new, **common)
-        _emit(rows, out, impl="jaxeff", metric="compile_s", value=first_prefill - prefill_s + first_gen - t1 - tn,
-              unit="s", **common)
-        params = None  # free jaxeff's copy of the weights before transformers loads its own
+        first_calls = time.perf_counter() - t0
 
-        # ---- transformers -----------------------------------------------------------------------------------
+        # ---- transformers
         hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-        tp = torch.from_numpy(prompt)
+        tp, ts = torch.from_numpy(prompt), torch.from_numpy(short)
 
         @torch.inference_mode()
         def hf_prefill():
             hf(tp, use_cache=True, logits_to_keep=1)
-
-        hf_prefill()
-        prefill_hf = _median_time(hf_prefill, repeats)
-        _emit(rows, out, impl="transformers", metric="prefill_ms", value=prefill_hf * 1e3, unit="ms",
-              prompt_len=args.prefill_len, **common)
-
-        ts = torch.from_numpy(short)
 
         @torch.inference_mode()
         def hf_gen(n):
             return hf.generate(ts, attention_mask=torch.ones_like(ts), max_new_tokens=n, min_new_tokens=n,
                                do_sample=False, pad_token_id=0)
 
+        hf_prefill()
         hf_gen(2)
-        t1 = _median_time(lambda: hf_gen(1), repeats)
-        tn = _median_time(lambda: hf_gen(n_new), max(2, repeats // 2))
+
+        # ---- timed side by side: the two libraries alternate within every repeat, so a change in the machine's
+        # load during the run affects both alike
+        t = {k: [] for k in ("jp", "hp", "j1", "jn", "h1", "hn")}
+        for _ in range(repeats):
+            t["jp"].append(_time(jax_prefill))
+            t["hp"].append(_time(hf_prefill))
+        for _ in range(max(2, repeats // 2)):
+            t["j1"].append(_time(lambda: jax_gen(1)))
+            t["jn"].append(_time(lambda: jax_gen(n_new)))
+            t["h1"].append(_time(lambda: hf_gen(1)))
+            t["hn"].append(_time(lambda: hf_gen(n_new)))
+        med = {k: statistics.median(v) for k, v in t.items()}
+        jax_tokens = np.asarray(jax_gen(n_new)[0])
         hf_tokens = hf_gen(n_new)[0, short.shape[1]:].numpy()
-        _emit(rows, out, impl="transformers", metric="decode_tok_s", value=(n_new - 1) / (tn - t1), unit="tok/s",
-              new_tokens=n_new, **common)
+
+        _emit(rows, out, impl="jaxeff", metric="prefill_ms", value=med["jp"] * 1e3, unit="ms",
+              prompt_len=args.prefill_len, **common)
+        _emit(rows, out, impl="transformers", metric="prefill_ms", value=med["hp"] * 1e3, unit="ms",
+              prompt_len=args.prefill_len, **common)
+        _emit(rows, out, impl="jaxeff", metric="decode_tok_s", value=(n_new - 1) / (med["jn"] - med["j1"]),
+              unit="tok/s", new_tokens=n_new, **common)
+        _emit(rows, out, impl="transformers", metric="decode_tok_s", value=(n_new - 1) / (med["hn"] - med["h1"]),
+              unit="tok/s", new_tokens=n_new, **common)
+        _emit(rows, out, impl="jaxeff", metric="compile_s",
+              value=first_calls - med["jp"] - med["j1"] - med["jn"], unit="s", **common)
         _emit(rows, out, impl="both", metric="greedy_match", value=float(np.array_equal(jax_tokens, hf_tokens)),
               unit="bool", new_tokens=n_new, **common)
 

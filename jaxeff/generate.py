@@ -142,7 +142,7 @@ def _capacity(prompt_len: int, max_new_tokens: int, cache_capacity: int | None) 
 def _prefill(model: DecoderLM, params, tokens, lengths, capacity):
     cache = model.init_cache(tokens.shape[0], capacity)
     mask = jnp.arange(tokens.shape[1])[None, :] < lengths[:, None]
-    out = model.forward(params, tokens, cache=cache, attention_mask=mask, logits_at=lengths - 1)
+    out = model.forward(params, tokens, cache=cache, attention_mask=mask, logits_at=lengths - 1, fresh_cache=True)
     return out.logits[:, 0], out.cache
 
 

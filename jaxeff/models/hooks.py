@@ -49,6 +49,9 @@ class LayerContext:
       method_params: ``{method name: this layer's parameters}``.
       rng: a PRNG key for stochastic methods, or None.
       aux: per-layer outputs collected for the caller (losses, statistics); use :meth:`record`.
+      kv_aligned: the ``kv`` that ``attention`` receives holds the current tokens in slot order with increasing
+        positions (cache-free forward, or the first prefill of an empty cache): causal attention may skip the
+        slots after each query (see ``dense_attention``'s ``causal_aligned``).
       scratch: values one hook leaves for a later hook of the same layer (e.g. a gate computed in ``attention``
         and read again in ``kv_compress``); never returned.
     """
@@ -62,6 +65,7 @@ class LayerContext:
     method_params: dict
     rng: Any = None
     aux: dict = dataclasses.field(default_factory=dict)
+    kv_aligned: bool = False
     scratch: dict = dataclasses.field(default_factory=dict)
 
     def record(self, name: str, value) -> None:
@@ -89,7 +93,8 @@ def default_attention(q: jax.Array, kv: LayerKV, ctx: LayerContext) -> jax.Array
         out = _kernel_decode_attention(q, kv, ctx)
         if out is not None:
             return out
-    return dense_attention(q, kv, ctx.positions, sliding_window=ctx.config.sliding_window)
+    return dense_attention(q, kv, ctx.positions, sliding_window=ctx.config.sliding_window,
+                           causal_aligned=ctx.kv_aligned)
 
 
 KERNELS_ENV = "JAXEFF_KV_KERNELS"
