@@ -9,8 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from tiny import tiny_model
 
-from jaxeff import DecoderLM, LMConfig, generate
+from jaxeff import LMConfig, generate
 from jaxeff.cache import LayerKV
 from jaxeff.config import ConfigError
 from jaxeff.generate import prefill
@@ -30,14 +31,7 @@ CFG = LMConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_layer
 
 @pytest.fixture(scope="module")
 def base():
-    model = DecoderLM(CFG)
-    rng = np.random.default_rng(0)
-    shapes = jax.eval_shape(model.init, jax.random.key(0))
-    # std 0.2: O(1) logits, so a wrongly masked token changes them visibly
-    params = jax.tree_util.tree_map_with_path(
-        lambda path, s: jnp.asarray((1.0 if path[-1].key == "scale" else 0.0) + 0.2 * rng.standard_normal(s.shape),
-                                    s.dtype), shapes)
-    return model, params
+    return tiny_model(CFG)
 
 
 def gated(base, gate: AttentionGate, seed: int = 1, wo_scale: float = 1.0):

@@ -9,28 +9,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from tiny import tiny_model
 
-from jaxeff import DecoderLM, Hooks, KVCache, LayerKV, LMConfig
+from jaxeff import Hooks, KVCache, LayerKV
 from jaxeff.attention.dense import dense_attention
 from jaxeff.cache import append_kv, compact_kv
 
 FAST = {"xla_backend_optimization_level": 0}  # tiny programs: LLVM optimisation only costs compile time
 VOCAB, CAP = 64, 16
-
-
-def tiny_model() -> tuple[DecoderLM, dict]:
-    cfg = LMConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2)
-    model = DecoderLM(cfg)
-    rng = np.random.default_rng(0)
-    shapes = jax.eval_shape(model.init, jax.random.key(0))
-    # std 0.2 gives O(1) logits (the default 0.02 would make every comparison trivially tight); random norm scales
-    params = jax.tree_util.tree_map_with_path(
-        lambda path, s: jnp.asarray(
-            (1.0 if path[-1].key == "scale" else 0.0) + 0.2 * rng.standard_normal(s.shape), s.dtype
-        ),
-        shapes,
-    )
-    return model, params
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from tiny import tiny_model
 
 from jaxeff import DecoderLM, LMConfig, SamplingConfig, generate, generate_stream
 from jaxeff.generate import prepare_prompts, sample_logits
@@ -22,18 +23,8 @@ BUF = 32  # the naive oracle's fixed buffer length (one compiled forward for eve
 
 @pytest.fixture(scope="module")
 def model_params():
-    cfg = LMConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2)
-    model = DecoderLM(cfg)
-    rng = np.random.default_rng(0)
-    shapes = jax.eval_shape(model.init, jax.random.key(0))
     # std 0.3: well separated logits, so greedy choices are not decided by rounding
-    params = jax.tree_util.tree_map_with_path(
-        lambda path, s: jnp.asarray(
-            (1.0 if path[-1].key == "scale" else 0.0) + 0.3 * rng.standard_normal(s.shape), s.dtype
-        ),
-        shapes,
-    )
-    return model, params
+    return tiny_model(std=0.3)
 
 
 @pytest.fixture(scope="module")
@@ -361,11 +352,10 @@ def test_cli_chat_applies_the_template(hf_dir, capsys):
 
 
 def test_cli_bad_arguments_fail_clearly(hf_dir, tmp_path, capsys):
-    from train.generate import main
-
     import yaml
 
     from jaxeff.config import to_dict
+    from train.generate import main
 
     path, _, _ = hf_dir
     run_dir = tmp_path / "run"  # a training run directory (model.yaml) that has no checkpoint yet
