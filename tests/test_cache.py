@@ -9,30 +9,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from tiny import tiny_model
+from tiny import forward, forward_cache, tiny_model
 
 from jaxeff import Hooks, KVCache, LayerKV
 from jaxeff.attention.dense import dense_attention
 from jaxeff.cache import append_kv, compact_kv
 
-FAST = {"xla_backend_optimization_level": 0}  # tiny programs: LLVM optimisation only costs compile time
 VOCAB, CAP = 64, 16
 
 
 @pytest.fixture(scope="module")
 def model_params():
     return tiny_model()
-
-
-@jax.jit(static_argnums=0, compiler_options=FAST)
-def forward_cache(model, params, tokens, cache, mask):
-    out = model.forward(params, tokens, cache=cache, attention_mask=mask)
-    return out.logits, out.cache
-
-
-@jax.jit(static_argnums=0, compiler_options=FAST)
-def forward(model, params, tokens):
-    return model.apply(params, tokens)
 
 
 # ---- append_kv ----------------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from tiny import tiny_model
+from tiny import FAST, forward, forward_cache, tiny_model
 
 from jaxeff import Hooks, KVCache, LayerContext, LayerKV, LMConfig, generate, generate_stream
 from jaxeff.attention.dense import attention_logits, attention_mask, masked_softmax
@@ -29,7 +29,6 @@ from jaxeff.methods.kv_eviction import (
     ceil_ratio,
 )
 
-FAST = {"xla_backend_optimization_level": 0}  # tiny programs: LLVM optimisation only costs compile time
 VOCAB = 64
 CFG = LMConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2)
 
@@ -37,17 +36,6 @@ CFG = LMConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_layer
 @pytest.fixture(scope="module")
 def model_params():
     return tiny_model()
-
-
-@jax.jit(static_argnums=0, compiler_options=FAST)
-def forward_cache(model, params, tokens, cache, mask):
-    out = model.forward(params, tokens, cache=cache, attention_mask=mask)
-    return out.logits, out.cache
-
-
-@jax.jit(static_argnums=0, compiler_options=FAST)
-def forward(model, params, tokens):
-    return model.apply(params, tokens)
 
 
 def ctx_for(positions, valid, mode="prefill", cfg=CFG):

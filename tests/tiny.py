@@ -8,6 +8,7 @@ import numpy as np
 
 from jaxeff import DecoderLM, LMConfig
 
+FAST = {"xla_backend_optimization_level": 0}  # tiny programs: LLVM optimisation only costs compile time
 TINY = LMConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2)
 
 
@@ -27,3 +28,16 @@ def random_params(model: DecoderLM, std: float = 0.2, seed: int = 0) -> dict:
 def tiny_model(cfg: LMConfig = TINY, std: float = 0.2) -> tuple[DecoderLM, dict]:
     model = DecoderLM(cfg)
     return model, random_params(model, std)
+
+
+@jax.jit(static_argnums=0, compiler_options=FAST)
+def forward_cache(model, params, tokens, cache, mask):
+    """``(logits, cache)`` of a cached forward pass (prefill or decode step), compiled for tiny programs."""
+    out = model.forward(params, tokens, cache=cache, attention_mask=mask)
+    return out.logits, out.cache
+
+
+@jax.jit(static_argnums=0, compiler_options=FAST)
+def forward(model, params, tokens):
+    """Cache-free logits, compiled for tiny programs."""
+    return model.apply(params, tokens)
