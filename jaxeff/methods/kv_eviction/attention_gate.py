@@ -21,8 +21,10 @@ well defined, trainable and exact against its oracles:
   positions (default 1). Keeping the first token follows the attention-sink observation (StreamingLLM): a large
   share of every head's attention mass lands on the first token, and removing it shifts every softmax row.
 * **Masked attention**: ``a_ij = m_ij exp(e_ij) / sum_k m_ik exp(e_ik)`` with ``m_ij = f_j`` for ``j < i``
-  (1 on the diagonal and for sinks), computed as the causal softmax times ``m`` then renormalised, so gradients
-  reach ``f``. With every flag 1 this is the dense model.
+  (1 on the diagonal and for sinks): the weights multiply the softmax's exponentials before normalising, so
+  gradients reach ``f``. The exponentials are shifted by the largest *kept* score and clamped at ``exp(0)`` (exact
+  for kept entries; it bounds the flag gradients of evicted tokens that outscore every kept one, which otherwise
+  reached norms of 1e10 in training). With every flag 1 this is the dense model.
 * **Eviction loss** (:meth:`AttentionGate.aux_loss`): ``loss_weight * mean_l max(0, keep_l - target_keep)^2``
   where ``keep_l`` is the mean of ``f_ste`` over the valid (token, KV head) pairs of layer ``l`` (the hinge-squared
   form of the spec: a gradient only while a layer keeps more than the target; the task loss pulls the other way).
@@ -112,10 +114,17 @@ def gated_attention(
     diag = kv.pos[:, :, None, None, :] == q_positions[:, None, None, :, None]  # [B, Hkv, 1, T, S]
     weight = jnp.where(diag, 1.0, keep[:, :, None, None, :].astype(jnp.float32))
     # The softmax's own steps with the weights multiplied in before normalising: with every weight 1 this is
-    # bit-for-bit the dense attention's softmax.
+    # bit-for-bit the dense attention's softmax. The shift is the maximum over the *kept* entries (the diagonal
+    # always is one), and the exponent is clamped at 0: kept entries are unchanged, and an evicted entry whose score
+    # exceeds every kept one cannot blow up the straight-through gradient of its flag (the normaliser is >= 1, so
+    # every flag's gradient stays bounded). Without this, a row whose attention mass sits on evicted tokens gave
+    # gradient norms of 1e10 and non-finite steps in training.
     masked = jnp.where(mask, logits, -1e30)
-    top = jax.lax.stop_gradient(jnp.max(masked, axis=-1, keepdims=True))
-    unnormalized = jnp.where(mask, jnp.exp(masked - top), 0.0) * weight
+    kept = mask & (jax.lax.stop_gradient(weight) > 0.5)
+    top = jax.lax.stop_gradient(jnp.max(jnp.where(kept, logits, -1e30), axis=-1, keepdims=True))
+    shifted = masked - top
+    shifted = jnp.where(shifted > 0, 0.0, shifted)  # not jnp.minimum: its gradient at the tie (the max) is 1/2
+    unnormalized = jnp.where(mask, jnp.exp(shifted), 0.0) * weight
     norm = jnp.sum(unnormalized, axis=-1, keepdims=True)
     probs = unnormalized / jnp.where(norm > 0, norm, 1.0)
     probs = probs.reshape(b, hkv, -1, probs.shape[-1]).astype(q.dtype)
