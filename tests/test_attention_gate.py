@@ -195,3 +195,21 @@ def test_budget_larger_than_the_cache_and_unsupported_model(base):
         m.apply(p, tokens(), cache=m.init_cache(2, 16))
     with pytest.raises(ValueError, match="expected a decoder LM"):
         AttentionGate().init(jax.random.key(0), object())
+
+
+def test_causal_chunk_skipping_gives_the_same_gated_attention():
+    rng = np.random.default_rng(3)
+    b, t, hkv, g, d = 2, 40, 2, 2, 8
+    q = jnp.asarray(rng.standard_normal((b, t, hkv * g, d)), jnp.float32)
+    k = jnp.asarray(rng.standard_normal((b, t, hkv, d)), jnp.float32)
+    v = jnp.asarray(rng.standard_normal((b, t, hkv, d)), jnp.float32)
+    pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    valid = jnp.arange(t)[None] < jnp.array([[40], [29]])  # right padding in the second row
+    kv = LayerKV.from_sequence(k, v, pos, valid)
+    keep = jnp.asarray(rng.random((b, hkv, t)) > 0.5, jnp.float32)
+    whole = gated_attention(q, kv, pos, keep)
+    chunked = gated_attention(q, kv, pos, keep, causal_aligned=True, chunk=16)
+    np.testing.assert_allclose(np.asarray(chunked), np.asarray(whole), rtol=1e-6, atol=1e-6)  # summation order
+    grads = [jax.grad(lambda w, c=c: jnp.sum(gated_attention(q, kv, pos, w, causal_aligned=c, chunk=16) ** 2))(keep)
+             for c in (False, True)]
+    np.testing.assert_allclose(np.asarray(grads[1]), np.asarray(grads[0]), rtol=1e-5, atol=1e-5)

@@ -100,13 +100,27 @@ def ste_flags(logits: jax.Array, threshold: float) -> tuple[jax.Array, jax.Array
 
 def gated_attention(
     q: jax.Array, kv: LayerKV, q_positions: jax.Array, keep: jax.Array, *, sliding_window: int | None = None,
+    causal_aligned: bool = False, chunk: int = 128,
 ) -> jax.Array:
     """Attention where slot ``s`` of KV head ``h`` counts with weight ``keep[b, h, s]`` (a 0/1 flag, possibly
     carrying straight-through gradients) for every query but its own (the diagonal always counts).
 
     q: ``[B, T, Hq, D]``; kv: the layer's keys/values; q_positions: ``[B, T]``; keep: ``[B, Hkv, S]`` float.
     Returns ``[B, T, Hq, D]`` in ``q.dtype``. Equals ``dense_attention`` when ``keep`` is all ones.
+    ``causal_aligned``/``chunk``: causal chunk skipping, as in ``dense_attention`` (same result).
     """
+    t = q.shape[1]
+    if causal_aligned and t >= 2 * chunk and kv.capacity >= t:
+        outs = []
+        for start in range(0, t, chunk):
+            stop = min(start + chunk, t)
+            part = LayerKV(k=kv.k[:, :, :stop], v=kv.v[:, :, :stop], pos=kv.pos[:, :, :stop], length=kv.length)
+            outs.append(_gated(q[:, start:stop], part, q_positions[:, start:stop], keep[:, :, :stop], sliding_window))
+        return jnp.concatenate(outs, axis=1)
+    return _gated(q, kv, q_positions, keep, sliding_window)
+
+
+def _gated(q: jax.Array, kv: LayerKV, q_positions: jax.Array, keep: jax.Array, sliding_window: int | None):
     b, t, hq, d = q.shape
     hkv, dv = kv.v.shape[1], kv.v.shape[-1]
     logits = attention_logits(q, kv.k, d**-0.5)  # [B, Hkv, G, T, S]
@@ -275,7 +289,8 @@ class AttentionGate:
             ctx.record("gate_keep", jnp.sum(flags) / n)
             ctx.record("gate_score", jnp.sum(jnp.where(valid, scores, 0.0)) / n)
             keep = _tokens_to_slots(flags, kv, ctx.positions, fill=1.0)
-            return gated_attention(q, kv, ctx.positions, keep, sliding_window=ctx.config.sliding_window)
+            return gated_attention(q, kv, ctx.positions, keep, sliding_window=ctx.config.sliding_window,
+                                   causal_aligned=ctx.kv_aligned)
 
         def kv_compress(kv, q, ctx):
             kv = inner_compress(kv, q, ctx)
