@@ -64,16 +64,32 @@ def dense_attention(
     each read only the slots up to their last row: about half the work of the full square for long sequences,
     with the same result (skipped entries are masked ones, whose softmax weight is exactly zero).
     """
-    b, t, hq, d = q.shape
-    scale = d**-0.5 if scale is None else scale
-    if causal_aligned and t >= 2 * chunk and kv.capacity >= t:
-        outs = []
-        for start in range(0, t, chunk):
-            stop = min(start + chunk, t)
-            part = LayerKV(k=kv.k[:, :, :stop], v=kv.v[:, :, :stop], pos=kv.pos[:, :, :stop], length=kv.length)
-            outs.append(_attend(q[:, start:stop], part, q_positions[:, start:stop], sliding_window, scale))
-        return jnp.concatenate(outs, axis=1)
-    return _attend(q, kv, q_positions, sliding_window, scale)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+
+    def attend(q, kv, q_positions):
+        return _attend(q, kv, q_positions, sliding_window, scale)
+
+    if causal_aligned:
+        return causal_chunks(attend, q, kv, q_positions, chunk=chunk)
+    return attend(q, kv, q_positions)
+
+
+def causal_chunks(attend, q: jax.Array, kv: LayerKV, q_positions: jax.Array, *slot_arrays: jax.Array,
+                  chunk: int = 128) -> jax.Array:
+    """Causal chunk skipping for a ``kv`` aligned with the queries (slot ``s`` holds query token ``s``, positions
+    increasing): ``attend(q_chunk, kv_prefix, q_positions_chunk, *slot_arrays_prefix)`` for each chunk of ``chunk``
+    query rows, over only the slots up to the chunk's last row, concatenated along the query axis. Per-slot
+    arrays ``[..., S]`` in ``slot_arrays`` are cut to the same prefix. Short sequences (under two chunks) run in
+    one call."""
+    t = q.shape[1]
+    if t < 2 * chunk or kv.capacity < t:
+        return attend(q, kv, q_positions, *slot_arrays)
+    outs = []
+    for start in range(0, t, chunk):
+        stop = min(start + chunk, t)
+        part = LayerKV(k=kv.k[:, :, :stop], v=kv.v[:, :, :stop], pos=kv.pos[:, :, :stop], length=kv.length)
+        outs.append(attend(q[:, start:stop], part, q_positions[:, start:stop], *(a[..., :stop] for a in slot_arrays)))
+    return jnp.concatenate(outs, axis=1)
 
 
 def _attend(q: jax.Array, kv: LayerKV, q_positions: jax.Array, sliding_window: int | None, scale: float):

@@ -41,17 +41,22 @@ well defined, trainable and exact against its oracles:
 from __future__ import annotations
 
 import dataclasses
-import numbers
 from typing import ClassVar
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxeff.attention.dense import attention_logits, attention_mask
+from jaxeff.attention.dense import attention_logits, attention_mask, causal_chunks
 from jaxeff.cache import LayerKV, compact_kv
 from jaxeff.config import config_error
-from jaxeff.methods.kv_eviction.policy import ceil_ratio, select_keep
+from jaxeff.methods.kv_eviction.policy import (
+    _is_int,
+    check_budget_fits,
+    check_decoder_config,
+    row_budget,
+    select_keep,
+)
 from jaxeff.models.config import RopeScaling
 from jaxeff.models.layers import apply_rope, rope_inv_freq
 
@@ -109,15 +114,12 @@ def gated_attention(
     Returns ``[B, T, Hq, D]`` in ``q.dtype``. Equals ``dense_attention`` when ``keep`` is all ones.
     ``causal_aligned``/``chunk``: causal chunk skipping, as in ``dense_attention`` (same result).
     """
-    t = q.shape[1]
-    if causal_aligned and t >= 2 * chunk and kv.capacity >= t:
-        outs = []
-        for start in range(0, t, chunk):
-            stop = min(start + chunk, t)
-            part = LayerKV(k=kv.k[:, :, :stop], v=kv.v[:, :, :stop], pos=kv.pos[:, :, :stop], length=kv.length)
-            outs.append(_gated(q[:, start:stop], part, q_positions[:, start:stop], keep[:, :, :stop], sliding_window))
-        return jnp.concatenate(outs, axis=1)
-    return _gated(q, kv, q_positions, keep, sliding_window)
+    def attend(q, kv, q_positions, keep):
+        return _gated(q, kv, q_positions, keep, sliding_window)
+
+    if causal_aligned:
+        return causal_chunks(attend, q, kv, q_positions, keep, chunk=chunk)
+    return attend(q, kv, q_positions, keep)
 
 
 def _gated(q: jax.Array, kv: LayerKV, q_positions: jax.Array, keep: jax.Array, sliding_window: int | None):
@@ -157,10 +159,6 @@ def _tokens_to_slots(values: jax.Array, kv: LayerKV, positions: jax.Array, fill:
     idx = jnp.clip(offset, 0, t - 1)
     per_slot = jnp.take_along_axis(jnp.swapaxes(values, 1, 2), idx, axis=-1)  # [B, Hkv, S]
     return jnp.where(current, per_slot, fill)
-
-
-def _is_int(x) -> bool:
-    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -220,13 +218,7 @@ class AttentionGate:
                        rope_theta=float(config.rope_theta), init_bias=self.init_bias)
 
     def check_model(self, config) -> None:
-        needed = ("num_layers", "num_kv_heads", "hidden_size", "rope_theta")
-        missing = [a for a in needed if not hasattr(config, a)]
-        if missing:
-            raise ValueError(
-                f"AttentionGate: model: expected a decoder LM with a KV cache (a config with {', '.join(needed)}), "
-                f"got {type(config).__name__} without {', '.join(missing)}"
-            )
+        check_decoder_config("AttentionGate", config, ("num_layers", "num_kv_heads", "hidden_size", "rope_theta"))
 
     def init(self, rng: jax.Array, config) -> dict:
         """``{"layers": GateNet params stacked [L, ...]}``."""
@@ -267,7 +259,7 @@ class AttentionGate:
             flags = jax.lax.stop_gradient(flags)
             if self.keep_ratio is not None or self.budget is not None:
                 n = jnp.sum(ctx.token_valid, axis=-1, dtype=jnp.int32)[:, None]  # [B, 1]
-                budget = ceil_ratio(n, self.keep_ratio) if self.keep_ratio is not None else jnp.minimum(n, self.budget)
+                budget = row_budget(n, self.keep_ratio, self.budget)
                 sel = select_keep(jnp.swapaxes(scores, 1, 2), jnp.swapaxes(sink & valid, 1, 2),
                                   jnp.swapaxes(jnp.broadcast_to(valid, scores.shape), 1, 2), budget)
                 flags = jnp.swapaxes(sel, 1, 2).astype(jnp.float32)
@@ -296,11 +288,7 @@ class AttentionGate:
             kv = inner_compress(kv, q, ctx)
             if ctx.mode != "prefill":
                 return kv
-            if self.budget is not None and self.budget > kv.capacity:
-                raise ValueError(
-                    f"AttentionGate.budget: expected at most the cache capacity ({kv.capacity} slots per row), "
-                    f"got {self.budget}"
-                )
+            check_budget_fits("AttentionGate", self.budget, kv.capacity)
             flags, _ = self.token_flags(ctx)
             keep = _tokens_to_slots(flags, kv, ctx.positions, fill=1.0) > 0.5
             kept = compact_kv(kv, keep)

@@ -123,6 +123,32 @@ def _is_int(x) -> bool:
     return isinstance(x, numbers.Integral) and not isinstance(x, bool)
 
 
+def check_decoder_config(owner: str, config, needed=("num_layers", "num_heads", "num_kv_heads", "head_size")) -> None:
+    """Raises ``ValueError`` naming ``owner`` unless ``config`` has the fields of a decoder with a KV cache."""
+    missing = [a for a in needed if not hasattr(config, a)]
+    if missing:
+        raise ValueError(
+            f"{owner}: model: expected a decoder LM with a KV cache (a config with {', '.join(needed)}), "
+            f"got {type(config).__name__} without {', '.join(missing)}"
+        )
+
+
+def check_budget_fits(owner: str, budget: int | None, capacity: int) -> None:
+    """Raises ``ValueError`` when a token ``budget`` exceeds the cache's ``capacity`` slots per row."""
+    if budget is not None and budget > capacity:
+        raise ValueError(
+            f"{owner}.budget: expected at most the cache capacity ({capacity} slots per row), got {budget}"
+        )
+
+
+def row_budget(n: jax.Array, keep_ratio: float | None, budget: int | None) -> jax.Array:
+    """Entries kept in a row that holds ``n`` (int array): ``ceil(keep_ratio * n)`` or ``min(budget, n)``."""
+    n = jnp.asarray(n, jnp.int32)
+    if keep_ratio is not None:
+        return ceil_ratio(n, keep_ratio)
+    return jnp.minimum(n, budget)
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class KVEvictionPolicy:
     """Base of every eviction policy. Subclasses override :meth:`score` (and :meth:`forced`, :meth:`observe`).
@@ -201,21 +227,12 @@ class KVEvictionPolicy:
 
     def check_model(self, config) -> None:
         """Raises ``ValueError`` unless ``config`` describes a decoder with a KV cache."""
-        needed = ("num_layers", "num_heads", "num_kv_heads", "head_size")
-        missing = [a for a in needed if not hasattr(config, a)]
-        if missing:
-            raise ValueError(
-                f"{type(self).__name__}: model: expected a decoder LM with a KV cache (a config with "
-                f"{', '.join(needed)}), got {type(config).__name__} without {', '.join(missing)}"
-            )
+        check_decoder_config(type(self).__name__, config)
 
     def _check_inputs(self, kv: LayerKV, q: jax.Array, ctx) -> None:
         cls = type(self).__name__
         self.check_model(ctx.config)
-        if self.budget is not None and self.budget > kv.capacity:
-            raise ValueError(
-                f"{cls}.budget: expected at most the cache capacity ({kv.capacity} slots per row), got {self.budget}"
-            )
+        check_budget_fits(cls, self.budget, kv.capacity)
         if self.scores_with_attention and kv.k.shape[-1] != q.shape[-1]:
             raise ValueError(
                 f"{cls}: model: expected cached keys of the query head dim {q.shape[-1]} (it scores tokens by "
@@ -225,10 +242,7 @@ class KVEvictionPolicy:
 
     def row_budget(self, n: jax.Array) -> jax.Array:
         """Entries kept in a row that holds ``n`` (int array): ``ceil(keep_ratio * n)`` or ``min(budget, n)``."""
-        n = jnp.asarray(n, jnp.int32)
-        if self.keep_ratio is not None:
-            return ceil_ratio(n, self.keep_ratio)
-        return jnp.minimum(n, self.budget)
+        return row_budget(n, self.keep_ratio, self.budget)
 
     def keep_mask(self, kv: LayerKV, q: jax.Array, ctx, budget: jax.Array) -> jax.Array:
         """``[B, Hkv, S]`` bool: the slots this policy keeps, exactly ``min(budget, length)`` per row."""
