@@ -499,7 +499,8 @@ def evaluate(bm: BenchModel, pmodel, pparams, windows, pk, s: EvalSettings) -> d
     nll = []
     for part, n in _batches(windows, s.batch):
         logits, cache = run_prefill(part[:, :c])
-        nll.append(np.asarray(score_continuation(bm.model, bm.params, logits, jnp.asarray(part[:, c:c + m]), cache))[:n])
+        cont = jnp.asarray(part[:, c:c + m])
+        nll.append(np.asarray(score_continuation(bm.model, bm.params, logits, cont, cache))[:n])
     res["nll"] = float(np.concatenate(nll).mean())
     res["ppl"] = float(math.exp(res["nll"]))
 
@@ -549,7 +550,8 @@ def _kept(ratio: float, n: int) -> int:
 
 
 def time_decode_attention(config, ratios, context: int, repeats: int, resized: bool, seed: int = 0) -> dict:
-    """``{ratio: (median ms, median CPU ms, kv_bound or capacity)}`` of one layer's ragged decode attention (XLA path), batch 1,
+    """``{ratio: (median ms, median CPU ms, kv_bound or capacity)}`` of one layer's ragged decode attention (XLA path),
+    batch 1,
     over rows holding ``ceil(r * S)`` entries: in a buffer of ``S`` slots with ``kv_bound =
     bucketed_kv_bound(kept, S)`` (``resized=False``), or in a buffer resized to ``round_up(kept, 16) + 1`` slots as
     ``prefill`` leaves it (``resized=True``, no bound)."""
@@ -580,7 +582,8 @@ def time_decode_attention(config, ratios, context: int, repeats: int, resized: b
 
 
 def time_decode_steps(bm: BenchModel, ratios, context: int, repeats: int, seed: int = 0) -> dict:
-    """``{ratio: (median ms, median CPU ms, capacity)}`` of one jitted whole-model decode step (batch 1) on the cache an eviction
+    """``{ratio: (median ms, median CPU ms, capacity)}`` of one jitted whole-model decode step (batch 1) on the cache an
+    eviction
     at ``ratio`` of a ``context``-token prompt leaves: ``round_up(ceil(r * S), 16)`` entries (``S`` for the dense
     model) plus room for the timed steps; random contents."""
     import jax
@@ -801,7 +804,8 @@ def main(argv=None) -> list:
     ap.add_argument("--model", action="append", default=None,
                     help=f"'smollm2', 'random-tiny' or a training run directory; repeatable (default: smollm2 and "
                          f"{DEFAULT_TINY_RUN}, each skipped when missing)")
-    ap.add_argument("--gates-smollm2", default=None, help="Attention-Gate gates for SmolLM2 (save_gates dir or run dir)")
+    ap.add_argument("--gates-smollm2", default=None,
+                    help="Attention-Gate gates for SmolLM2 (save_gates dir or run dir)")
     ap.add_argument("--gates-tiny", default=None, help="gates for the other models (save_gates dir or run dir)")
     ap.add_argument("--policies", default=",".join(POLICIES), help=f"comma list from {POLICIES + CONTROLS}")
     ap.add_argument("--ratios", default=",".join(str(r) for r in RATIOS))

@@ -15,7 +15,8 @@ experts)::
     layers/attn/{q,k,v}/kernel [L, d, H|K, D]  (+ bias [L, H|K, D] when qkv_bias)
     layers/attn/o/kernel [L, H, D, d]
     layers/mlp/{gate,up}/kernel [L, d, I]      layers/mlp/down/kernel [L, I, d]          (dense)
-    layers/moe/router/kernel [L, d, E]         layers/moe/{gate,up}/kernel [L, E, d, I]  layers/moe/down/kernel [L, E, I, d]
+    layers/moe/router/kernel [L, d, E]         layers/moe/{gate,up}/kernel [L, E, d, I]
+    layers/moe/down/kernel [L, E, I, d]
     final_norm/scale [d]              lm_head/kernel [d, V]  (absent when tie_embeddings)
     methods/<name>/...                (parameters of applied methods; see ``jaxeff.models.hooks``)
 """

@@ -191,9 +191,10 @@ class BlockTable:
         return isinstance(other, BlockTable) and self._digest == other._digest
 
     def __repr__(self) -> str:
+        padded = 0 if self.kv_valid is None else int((~self.kv_valid).sum())
         return (f"BlockTable(masks={self.num_masks}, nq={self.num_q_blocks}, nk={self.num_kv_blocks}, "
                 f"block_q={self.block_q}, block_kv={self.block_kv}, max_kv={self.max_kv}, "
-                f"sparsity={self.sparsity:.3f}, padded_keys={0 if self.kv_valid is None else int((~self.kv_valid).sum())})")
+                f"sparsity={self.sparsity:.3f}, padded_keys={padded})")
 
 
 def dense_table(seq_len: int, block_q: int, block_kv: Optional[int] = None,

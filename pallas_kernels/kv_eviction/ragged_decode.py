@@ -327,9 +327,9 @@ def ragged_decode_attention(
     q ``[B, Hq, Dk]``, k ``[B, Hkv, S, Dk]``, v ``[B, Hkv, S, Dv]``, pos ``[B, Hkv, S]``, length ``[B, Hkv]``,
     q_pos ``[B]`` (the mask is in the module docstring). scale: default ``Dk ** -0.5``.
 
-    block_size: K/V slots per kernel block (kernels only), a divisor of S (None: the largest power of two up to 512 on TPU, 64
-    on GPU, dividing S). kv_bound: static int in ``[1, S]``; slots from it on are ignored (default S): the XLA
-    path attends over ``[:kv_bound]`` only and the TPU grid has ``ceil(kv_bound / block_size)`` KV steps.
+    block_size: K/V slots per kernel block (kernels only), a divisor of S (None: the largest power of two up to
+    512 on TPU, 64 on GPU, dividing S). kv_bound: static int in ``[1, S]``; slots from it on are ignored (default
+    S): the XLA path attends over ``[:kv_bound]`` only and the TPU grid has ``ceil(kv_bound / block_size)`` KV steps.
     impl: "auto" (TPU kernel on TPU, Triton kernel on GPU, XLA elsewhere), "reference", "xla", "pallas_tpu" or
     "pallas_gpu". interpret: run a Pallas kernel in interpret mode (None: on the CPU; ``pltpu.InterpretParams``
     runs the TPU kernel in the TPU simulator). Raises ValueError naming the argument for bad shapes, dtypes, impl,
@@ -344,7 +344,8 @@ def ragged_decode_attention(
     q_pos = q_pos.astype(jnp.int32)
     pos = pos.astype(jnp.int32)
     if impl == "reference":
-        return ragged_decode_attention_reference(q, k, v, pos, length, q_pos, sliding_window=sliding_window, scale=scale)
+        return ragged_decode_attention_reference(q, k, v, pos, length, q_pos, sliding_window=sliding_window,
+                                                 scale=scale)
     if impl == "xla":
         return ragged_decode_attention_xla(
             q, k, v, pos, length, q_pos, sliding_window=sliding_window, scale=scale, kv_bound=bound
