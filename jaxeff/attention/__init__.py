@@ -1,0 +1,41 @@
+"""Attention: the dense reference (``dense``) and the mask families for 3D video attention (``tile_masks``)."""
+
+from jaxeff.attention.tile_masks import (
+    VideoTokenLayout,
+    attention_tile_count,
+    attention_tile_mask,
+    attention_tile_sparsity,
+    attention_tile_table,
+    expected_visited_blocks,
+    mask_ladder,
+    mask_name,
+    sliding_tile_mask,
+    sta_block_table,
+    sta_layout,
+    sta_token_mask_reference,
+    tile_block_table,
+    tile_permutation,
+    tile_token_mask_reference,
+    tile_tokens,
+    untile_tokens,
+)
+
+__all__ = [
+    "VideoTokenLayout",
+    "attention_tile_count",
+    "attention_tile_mask",
+    "attention_tile_sparsity",
+    "attention_tile_table",
+    "expected_visited_blocks",
+    "mask_ladder",
+    "mask_name",
+    "sliding_tile_mask",
+    "sta_block_table",
+    "sta_layout",
+    "sta_token_mask_reference",
+    "tile_block_table",
+    "tile_permutation",
+    "tile_token_mask_reference",
+    "tile_tokens",
+    "untile_tokens",
+]
