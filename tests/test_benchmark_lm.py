@@ -14,7 +14,7 @@ def test_lm_vs_transformers_prints_json_lines(capsys, tmp_path):
 
     out = tmp_path / "rows.jsonl"
     rows = lm_vs_transformers.main(["--quick", "--model", "random-tiny", "--prefill-len", "32",
-                                    "--decode-tokens", "4", "--out", str(out)])
+                                    "--decode-tokens", "16", "--out", str(out)])
     printed = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
     assert printed == rows == [json.loads(line) for line in out.read_text().splitlines()]
     for row in rows:

@@ -13,11 +13,13 @@ _NO_DECAY_LEAVES = ("scale", "bias")
 
 def lr_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
     """Learning rate at optimizer step ``s`` (0-based): linear from 0 to ``lr`` over ``warmup_steps``, then cosine
-    decay to ``lr * min_lr_ratio`` at ``total_steps``."""
+    decay to ``lr * min_lr_ratio`` at ``total_steps``. A run no longer than its warmup (a smoke test) warms up over
+    ``total_steps - 1`` steps instead."""
+    warmup = min(cfg.warmup_steps, max(total_steps - 1, 0))
     return optax.warmup_cosine_decay_schedule(
         init_value=0.0,
         peak_value=cfg.lr,
-        warmup_steps=cfg.warmup_steps,
+        warmup_steps=warmup,
         decay_steps=total_steps,
         end_value=cfg.lr * cfg.min_lr_ratio,
     )
