@@ -241,7 +241,7 @@ def make_train_step(model: VideoDiT, tx, cfg: VDiTTrainConfig, mesh, shardings):
                 (loss, grads), _ = jax.lax.scan(body, zeros, (split(clips), split(text),
                                                               jax.random.split(rng, accum)))
                 loss, grads = loss / accum, jax.tree.map(lambda g: g / accum, grads)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         new = {"params": params, "opt_state": opt_state, "step": state["step"] + 1, "rng": state["rng"]}

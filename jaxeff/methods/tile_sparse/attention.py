@@ -24,19 +24,12 @@ from functools import cached_property
 from typing import Optional
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from jaxeff.attention.tile_masks import VideoTokenLayout, attention_tile_mask, attention_tile_sparsity, tile_block_table
+from jaxeff.models.vdit import dense_self_attention  # the model's own attention: dense layers stay exact
 from pallas_kernels.block_sparse_attention import block_sparse_attention
 from pallas_kernels.block_sparse_attention.table import BlockTable
-
-
-def dense_self_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
-    """Plain softmax attention, q/k/v ``[B, H, N, D]`` (scale ``D ** -0.5``; float32 softmax)."""
-    s = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32) * (q.shape[-1] ** -0.5)
-    p = jax.nn.softmax(s, axis=-1)
-    return jnp.einsum("bhqk,bhkd->bhqd", p.astype(v.dtype), v, preferred_element_type=jnp.float32).astype(q.dtype)
 
 
 @dataclasses.dataclass(frozen=True)
