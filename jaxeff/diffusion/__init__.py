@@ -1,5 +1,20 @@
-"""Diffusion schedules and samplers (diffusers semantics; parity-tested against diffusers)."""
+"""Diffusion schedules and samplers: DDIM, LCM, multistep consistency, TLCM (diffusers semantics; DDIM and LCM
+parity-tested against diffusers)."""
 
+from jaxeff.diffusion.consistency import (
+    TLCM_MILESTONES,
+    consistency_output,
+    lcm_boundary_scalings,
+    lcm_sample,
+    lcm_step,
+    lcm_timesteps,
+    mcm_boundaries,
+    mcm_sample,
+    segment_start,
+    tlcm_sample,
+    tlcm_subset,
+    tlcm_timesteps,
+)
 from jaxeff.diffusion.sampling import ddim_sample
 from jaxeff.diffusion.schedule import (
     NoiseSchedule,
@@ -12,7 +27,19 @@ from jaxeff.diffusion.schedule import (
 )
 
 __all__ = [
+    "TLCM_MILESTONES",
     "NoiseSchedule",
+    "consistency_output",
+    "lcm_boundary_scalings",
+    "lcm_sample",
+    "lcm_step",
+    "lcm_timesteps",
+    "mcm_boundaries",
+    "mcm_sample",
+    "segment_start",
+    "tlcm_sample",
+    "tlcm_subset",
+    "tlcm_timesteps",
     "cosine_alphas_cumprod",
     "ddim_prev_timesteps",
     "ddim_project",
