@@ -133,23 +133,34 @@ def train_extractor(shapes: MovingShapesConfig, *, progress: bool = True) -> tup
     return params, {"heldout_pair_accuracy": acc, "steps": r["steps"]}
 
 
-def load_extractor(shapes: MovingShapesConfig, *, progress: bool = True) -> tuple[dict, dict]:
-    """The cached extractor for this clip geometry (trained and cached on first use)."""
-    path = _cache_dir() / f"{_key(shapes)}.npz"
-    if path.exists():
-        data = np.load(path, allow_pickle=False)
-        flat = {k: data[k] for k in data.files if k != "__report__"}
-        params: dict = {}
-        for k, v in flat.items():
+def load_params_npz(path) -> tuple[dict, dict]:
+    """``(params, report)`` of a two-level params dict saved by ``save_params_npz``."""
+    data = np.load(path, allow_pickle=False)
+    params: dict = {}
+    for k in data.files:
+        if k != "__report__":
             a, b = k.split("/")
-            params.setdefault(a, {})[b] = jnp.asarray(v)
-        return params, json.loads(str(data["__report__"]))
-    params, report = train_extractor(shapes, progress=progress)
+            params.setdefault(a, {})[b] = jnp.asarray(data[k])
+    return params, json.loads(str(data["__report__"]))
+
+
+def save_params_npz(path, params: dict, report: dict) -> None:
+    """Saves a two-level params dict and a JSON report atomically (concurrent first uses never see half a file)."""
+    path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}.npz")
     flat = {f"{a}/{b}": np.asarray(v) for a, d in params.items() for b, v in d.items()}
     np.savez(tmp, __report__=np.asarray(json.dumps(report)), **flat)
-    os.replace(tmp, path)  # atomic: concurrent first uses never see half a file
+    os.replace(tmp, path)
+
+
+def load_extractor(shapes: MovingShapesConfig, *, progress: bool = True) -> tuple[dict, dict]:
+    """The cached extractor for this clip geometry (trained and cached on first use)."""
+    path = _cache_dir() / f"{_key(shapes)}.npz"
+    if path.exists():
+        return load_params_npz(path)
+    params, report = train_extractor(shapes, progress=progress)
+    save_params_npz(path, params, report)
     return params, report
 
 

@@ -54,13 +54,20 @@ _MAX_IN_FLIGHT = 8
 # ---- configuration ---------------------------------------------------------------------------------------------
 
 
+DATASETS = ("moving_shapes", "fashion_mnist")
+
+
 @dataclasses.dataclass(frozen=True)
 class VideoDataConfig:
-    """The moving-shapes clips (``jaxeff.data.video``): geometry, seed, held-out set and caption dropout.
+    """The training data: geometry, seed, held-out set and caption dropout.
 
-    Training clip ``i`` of step ``s`` is index ``s * batch_size + i`` of seed ``seed`` (never repeated); the
-    held-out clips are indices ``0..eval_clips-1`` of seed ``seed + 1``, so the two never overlap."""
+    ``dataset``: ``moving_shapes`` (the embedded procedural clips with two-object captions, ``jaxeff.data.video``;
+    training clip ``i`` of step ``s`` is index ``s * batch_size + i`` of seed ``seed``, never repeated; the held-out
+    clips are indices ``0..eval_clips-1`` of seed ``seed + 1``) or ``fashion_mnist`` (one-frame grey images,
+    zero-padded to ``size``, with the class as a one-token caption; training images are visited in a per-epoch
+    permutation seeded by ``(seed, epoch)``, the held-out set is the first ``eval_clips`` test images)."""
 
+    dataset: str = "moving_shapes"
     frames: int = 8
     size: int = 32
     num_objects: int = 2
@@ -69,14 +76,26 @@ class VideoDataConfig:
     caption_dropout: float = 0.1
 
     def __post_init__(self):
+        if self.dataset not in DATASETS:
+            raise config_error("data.dataset", f"one of {DATASETS}", self.dataset)
         if self.eval_clips <= 0:
             raise config_error("data.eval_clips", "a positive int", self.eval_clips)
         if not 0.0 <= self.caption_dropout < 1.0:
             raise config_error("data.caption_dropout", "a float in [0, 1)", self.caption_dropout)
+        if self.dataset == "fashion_mnist":
+            if self.frames != 1:
+                raise config_error("data.frames", "1 for fashion_mnist (images)", self.frames)
+            if self.size < 28:
+                raise config_error("data.size", "at least 28 for fashion_mnist", self.size)
+            return
         try:
             self.shapes()
         except ValueError as e:
             raise ConfigError(f"config section 'data': {e}") from None
+
+    @property
+    def channels(self) -> int:
+        return 1 if self.dataset == "fashion_mnist" else 3
 
     def shapes(self) -> MovingShapesConfig:
         return MovingShapesConfig(frames=self.frames, size=self.size, num_objects=self.num_objects)
@@ -133,8 +152,9 @@ class VDiTTrainConfig:
 
     def __post_init__(self):
         m, d = self.model, self.data
-        if m.in_channels != 3 or m.out_channels != 3:
-            raise config_error("model.in_channels/out_channels", "3 and 3 (RGB clips)",
+        c = d.channels
+        if m.in_channels != c or m.out_channels != c:
+            raise config_error("model.in_channels/out_channels", f"{c} and {c} (the {d.dataset} channels)",
                                (m.in_channels, m.out_channels))
         pt, ph, pw = m.patch_size
         if d.frames % pt or d.size % ph or d.size % pw:
@@ -176,21 +196,53 @@ class ClipSource:
 
     def __init__(self, cfg: VDiTTrainConfig):
         self.cfg = cfg
-        self.shapes = cfg.data.shapes()
-        self.table = caption_embedding_table(cfg.model.text_dim)
+        d = cfg.data
+        if d.dataset == "fashion_mnist":
+            from jaxeff.data import fashion_mnist as fm
+
+            self._fm = fm
+            self.images, self.labels = fm.load("train")
+            self.table = fm.class_embedding_table(cfg.model.text_dim)
+            self.shapes = None
+            self.caption_len = 1
+        else:
+            self.shapes = d.shapes()
+            self.table = caption_embedding_table(cfg.model.text_dim)
+            self.caption_len = self.shapes.caption_len
+
+    def _fm_indices(self, positions: np.ndarray) -> np.ndarray:
+        n = len(self.images)
+        out = np.empty(len(positions), np.int64)
+        epochs = positions // n
+        for e in np.unique(epochs):
+            perm = np.random.default_rng([self.cfg.data.seed, int(e)]).permutation(n)
+            sel = epochs == e
+            out[sel] = perm[positions[sel] % n]
+        return out
 
     def train_batch(self, step: int, batch_size: int):
-        idx = np.arange(step * batch_size, (step + 1) * batch_size)
-        clips, captions, _ = moving_shapes(self.shapes, idx, seed=self.cfg.data.seed)
+        pos = np.arange(step * batch_size, (step + 1) * batch_size)
+        if self.shapes is None:
+            idx = self._fm_indices(pos)
+            return (self._fm.to_clips(self.images[idx], self.cfg.data.size),
+                    self._fm.embed_labels(self.labels[idx], self.table))
+        clips, captions, _ = moving_shapes(self.shapes, pos, seed=self.cfg.data.seed)
         return clips, embed_captions(captions, self.table)
 
     def eval_set(self):
-        clips, captions, _ = moving_shapes(self.shapes, np.arange(self.cfg.data.eval_clips),
-                                           seed=self.cfg.data.seed + 1)
+        """``(clips, captions, caption embeddings)`` of the held-out set (captions: class ids for fashion_mnist)."""
+        n = self.cfg.data.eval_clips
+        if self.shapes is None:
+            images, labels = self._fm.load("test")
+            if n > len(images):
+                raise config_error("data.eval_clips", f"at most {len(images)} (the test split)", n)
+            return (self._fm.to_clips(images[:n], self.cfg.data.size), labels[:n],
+                    self._fm.embed_labels(labels[:n], self.table))
+        clips, captions, _ = moving_shapes(self.shapes, np.arange(n), seed=self.cfg.data.seed + 1)
         return clips, captions, embed_captions(captions, self.table)
 
     def null_text(self, batch_size: int) -> np.ndarray:
-        return np.zeros((batch_size, self.shapes.caption_len, self.cfg.model.text_dim), np.float32)
+        return np.zeros((batch_size, self.caption_len, self.cfg.model.text_dim), np.float32)
 
 
 # ---- loss and steps --------------------------------------------------------------------------------------------

@@ -203,6 +203,9 @@ def run_tile_sparse(cfg: TileSparseConfig, *, resume: bool = False, overwrite: b
     (out_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
     tcfg, model, teacher, tstep = load_vdit_run(cfg.teacher)
+    if tcfg.data.dataset != "moving_shapes":
+        raise ConfigError(f"config field 'teacher': expected a video DiT trained on moving_shapes clips (the quality "
+                          f"measure is defined on them), got a run on {tcfg.data.dataset!r}")
     source = ClipSource(tcfg)
     grid = model.token_grid((1, tcfg.model.in_channels, tcfg.data.frames, tcfg.data.size, tcfg.data.size))
     T, S = int(grid[0]), int(grid[1] * grid[2])

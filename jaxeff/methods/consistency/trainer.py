@@ -1,0 +1,381 @@
+"""Few-step students distilled from a DiT teacher run (``train.vdit``): multistep consistency distillation (MCD),
+LCM, MLCM and SCott, with progress, checkpoints and exact resume.
+
+    cfg = load_config(ConsistencyConfig, "configs/cd_fmnist_mcd.yaml")
+    result = train_consistency(cfg, resume=True)
+
+Every method is ``consistency_distillation_loss`` (``losses.py``) with a preset:
+
+| method | segments S | f | teacher | target θ⁻ | data | sampler |
+|---|---|---|---|---|---|---|
+| ``mcd`` | 4 | x̂ | DDIM (η = 0) | the student, stop-grad | noised real data | multistep consistency, S steps |
+| ``lcm`` | 1 | c_skip z + c_out x̂ | DDIM (η = 0) | EMA 0.95 | noised real data | LCM (fresh noise) |
+| ``mlcm`` | 8 | x̂ | DDIM (η = 0) | the student, stop-grad | teacher trajectories (no data) | TLCM milestones |
+| ``scott`` | 1 | c_skip z + c_out x̂ | η-DDIM (η = 0.2), h = 3 sub-steps | EMA 0.95 | noised real data | LCM |
+
+Every field of a preset can be overridden (``segments``, ``ema_decay``, ``eta``, ``sub_steps``, ``adv_weight``).
+The teacher's guidance (``guidance_scale``, default the teacher's) is baked into its steps, so students sample
+without guidance. The student starts from the teacher's weights and sees the conditioning (captions or classes)
+without dropout. SCott's adversarial term (``adv_weight`` > 0, default 0.4): a discriminator made of the frozen
+teacher (run at ``t_d`` uniform in ``[0, disc_max_t)`` on the re-noised image) whose per-layer self-attention
+outputs, mean-pooled over tokens, feed a trainable two-layer head; hinge losses, real training images as positives
+(the paper's discriminator is the teacher U-Net with LoRA on the decoder; the exact input was not recoverable).
+
+The run directory holds ``config.yaml``, ``metrics.jsonl``, ``checkpoints/`` (student, EMA target, discriminator
+and their optimizer states) and, at the end, ``final.json``. Runs on one device.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+import shutil
+import sys
+import time
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import yaml
+from tqdm.auto import tqdm
+
+from jaxeff import sharding as shd
+from jaxeff.config import ConfigError, config_error, from_dict, to_dict
+from jaxeff.diffusion.consistency import lcm_sample, lcm_timesteps, mcm_boundaries, mcm_sample, tlcm_sample
+from jaxeff.methods.consistency.losses import (
+    DISTANCES,
+    SPACES,
+    consistency_distillation_loss,
+    distillation_grid,
+    hinge_discriminator_loss,
+    hinge_generator_loss,
+    segment_timesteps,
+    trajectory_states,
+)
+from jaxeff.sharding import MeshConfig
+from jaxeff.training import checkpointing as ckpt
+from jaxeff.training.config import CheckpointConfig, LoopConfig, OptimConfig
+from jaxeff.training.metrics import TB_DIR, MetricsLogger
+from jaxeff.training.optim import lr_schedule, make_optimizer
+from jaxeff.training.steps import replicated
+from jaxeff.training.vdit import ClipSource, load_vdit_run, make_denoiser
+
+METHODS = ("mcd", "lcm", "mlcm", "scott")
+_PRESETS = {
+    "mcd": dict(segments=4, ema_decay=0.0, eta=0.0, sub_steps=1, adv_weight=0.0, boundary_scalings=False),
+    "lcm": dict(segments=1, ema_decay=0.95, eta=0.0, sub_steps=1, adv_weight=0.0, boundary_scalings=True),
+    "mlcm": dict(segments=8, ema_decay=0.0, eta=0.0, sub_steps=1, adv_weight=0.0, boundary_scalings=False),
+    "scott": dict(segments=1, ema_decay=0.95, eta=0.2, sub_steps=3, adv_weight=0.4, boundary_scalings=True),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class ConsistencyConfig:
+    """A distillation run. ``null`` fields take the method's preset (module docstring)."""
+
+    teacher: str = "runs/dit_fmnist"
+    output_dir: str = "runs/cd"
+    seed: int = 0
+    method: str = "mcd"
+    segments: Optional[int] = None
+    skip: int = 20
+    ema_decay: Optional[float] = None
+    eta: Optional[float] = None
+    sub_steps: Optional[int] = None
+    adv_weight: Optional[float] = None
+    disc_lr: float = 2e-4
+    disc_max_t: int = 500
+    space: str = "z"
+    distance: str = "l2"
+    guidance_scale: Optional[float] = None
+    optim: OptimConfig = OptimConfig(lr=1e-4, warmup_steps=50, min_lr_ratio=0.1, weight_decay=0.0)
+    train: LoopConfig = LoopConfig(steps=1000, batch_size=32, log_every=20, eval_every=0)
+    checkpoint: CheckpointConfig = CheckpointConfig(every=250, keep=2, async_save=False)
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise config_error("method", f"one of {METHODS}", self.method)
+        if self.space not in SPACES:
+            raise config_error("space", f"one of {SPACES}", self.space)
+        if self.distance not in DISTANCES:
+            raise config_error("distance", f"one of {DISTANCES}", self.distance)
+        r = self.resolved()
+        if r["segments"] < 1:
+            raise config_error("segments", "an int >= 1", r["segments"])
+        if self.method == "mlcm" and r["segments"] != 8:
+            raise config_error("segments", "8 for mlcm (the TLCM sampler's milestones)", r["segments"])
+        if not 0.0 <= r["ema_decay"] < 1.0:
+            raise config_error("ema_decay", "a float in [0, 1) (0: no EMA)", r["ema_decay"])
+        if r["eta"] < 0:
+            raise config_error("eta", "a float >= 0", r["eta"])
+        if r["sub_steps"] < 1:
+            raise config_error("sub_steps", "an int >= 1", r["sub_steps"])
+        if r["adv_weight"] < 0:
+            raise config_error("adv_weight", "a float >= 0", r["adv_weight"])
+        if self.train.grad_accum != 1:
+            raise config_error("train.grad_accum", "1 (not supported by the distillation trainer)",
+                               self.train.grad_accum)
+        distillation_grid(self.skip)  # raises on a bad skip
+        if not 1 <= self.disc_max_t <= 1000:
+            raise config_error("disc_max_t", "an int in [1, 1000]", self.disc_max_t)
+
+    def resolved(self) -> dict:
+        """The method's preset with this config's explicit fields applied."""
+        out = dict(_PRESETS[self.method])
+        for k in ("segments", "ema_decay", "eta", "sub_steps", "adv_weight"):
+            if getattr(self, k) is not None:
+                out[k] = getattr(self, k)
+        return out
+
+
+@dataclasses.dataclass
+class ConsistencyResult:
+    run_dir: str
+    start_step: int
+    final_step: int
+    losses: dict
+    wall_time_s: float
+
+
+# ---- the discriminator (SCott) ---------------------------------------------------------------------------------
+
+
+def init_disc_head(rng, in_dim: int, hidden: int = 256) -> dict:
+    k1, k2 = jax.random.split(rng)
+    return {"l0": {"w": jax.random.normal(k1, (in_dim, hidden)) * in_dim ** -0.5, "b": jnp.zeros((hidden,))},
+            "l1": {"w": jax.random.normal(k2, (hidden, 1)) * hidden ** -0.5, "b": jnp.zeros((1,))}}
+
+
+def disc_logits(model, teacher_params, head, x, text, t_d, noise, sched):
+    """The discriminator: frozen teacher features of ``x`` re-noised to ``t_d``, a trainable head."""
+    z = sched.add_noise(x, noise, t_d)
+    out = model.apply(teacher_params, z, t_d.astype(jnp.float32), text, return_attention_outputs=True)
+    feats = jnp.mean(out.attention_outputs, axis=2)  # [L, B, H*D]
+    feats = jnp.transpose(feats, (1, 0, 2)).reshape(x.shape[0], -1)
+    h = jax.nn.gelu(feats @ head["l0"]["w"] + head["l0"]["b"])
+    return (h @ head["l1"]["w"] + head["l1"]["b"])[:, 0]
+
+
+# ---- training --------------------------------------------------------------------------------------------------
+
+
+def _say(msg: str) -> None:
+    tqdm.write(msg, file=sys.stderr)
+
+
+def _prepare(out_dir: pathlib.Path, resume: bool, overwrite: bool) -> None:
+    cdir = ckpt.checkpoint_dir(out_dir)
+    if cdir.exists() and any(cdir.iterdir()) and not resume and not overwrite:
+        raise ConfigError(f"config field 'output_dir': expected a directory without checkpoints for a new run, got "
+                          f"{str(out_dir)!r} which has some; pass --resume to continue it or --overwrite")
+    if overwrite and not resume:
+        shutil.rmtree(cdir, ignore_errors=True)
+        shutil.rmtree(out_dir / TB_DIR, ignore_errors=True)
+        (out_dir / "metrics.jsonl").unlink(missing_ok=True)
+        (out_dir / "final.json").unlink(missing_ok=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+
+def make_step(cfg: ConsistencyConfig, model, tcfg, tx, dtx):
+    """The jitted distillation step ``(state, teacher_params, clips, text) -> (state, metrics)``."""
+    r = cfg.resolved()
+    sched = tcfg.diffusion.noise_schedule()
+    prediction = tcfg.diffusion.prediction
+    g = tcfg.diffusion.guidance_scale if cfg.guidance_scale is None else cfg.guidance_scale
+    boundaries = mcm_boundaries(r["segments"], sched.num_train_timesteps)
+    grid = distillation_grid(cfg.skip, sched.num_train_timesteps)
+    grid_j = jnp.asarray(grid, jnp.int32)
+    M = r["segments"]
+    adv = r["adv_weight"] > 0
+
+    def step(state, teacher_params, clips, text):
+        key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
+        k_t, k_n, k_s, k_u, k_solve, k_d, k_dn = jax.random.split(key, 7)
+        B = clips.shape[0]
+        teacher = make_denoiser(model, teacher_params, text, jnp.zeros_like(text), g)
+        if cfg.method == "mlcm":
+            seg = jax.random.randint(k_s, (B,), 0, M)  # 0: the top segment (one teacher step from the noise)
+            t = segment_timesteps(boundaries, seg, jax.random.uniform(k_u, (B,)), grid)
+            z_T = jax.random.normal(k_n, clips.shape, jnp.float32)
+            z_t = jax.lax.stop_gradient(trajectory_states(teacher, sched, z_T, t, seg + 1, M,
+                                                          prediction=prediction))
+        else:
+            t = grid_j[jax.random.randint(k_t, (B,), 0, grid_j.shape[0])]
+            z_t = sched.add_noise(clips, jax.random.normal(k_n, clips.shape, jnp.float32), t)
+
+        def loss_fn(p):
+            student = lambda z, tt: model.apply(p["student"], z, tt.astype(jnp.float32), text).sample
+            tp = p["ema"] if r["ema_decay"] > 0 else jax.lax.stop_gradient(p["student"])
+            target = lambda z, tt: model.apply(tp, z, tt.astype(jnp.float32), text).sample
+            loss, aux = consistency_distillation_loss(
+                student, target, teacher, sched, z_t, t, boundaries=boundaries, skip=cfg.skip,
+                prediction=prediction, boundary_scalings=r["boundary_scalings"], eta=r["eta"],
+                sub_steps=r["sub_steps"], rng=k_solve if r["eta"] > 0 else None, space=cfg.space,
+                distance=cfg.distance)
+            metrics = {"cd_loss": loss}
+            total = loss
+            if adv:
+                t_d = jax.random.randint(k_d, (B,), 0, cfg.disc_max_t)
+                fake = disc_logits(model, teacher_params, jax.lax.stop_gradient(p["disc"]), aux["f_student"],
+                                   text, t_d, jax.random.normal(k_dn, clips.shape), sched)
+                g_loss = hinge_generator_loss(fake)
+                total = total + r["adv_weight"] * g_loss
+                metrics["g_loss"] = g_loss
+            return total, (metrics, aux["f_student"])
+
+        params = state["params"]
+        (total, (metrics, f_student)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        upd, opt_s = tx.update(grads["student"], state["opt_state"]["student"], params["student"])
+        new_params = {**params, "student": optax.apply_updates(params["student"], upd)}
+        new_opt = {**state["opt_state"], "student": opt_s}
+        if r["ema_decay"] > 0:
+            d = r["ema_decay"]
+            new_params["ema"] = jax.tree.map(lambda e, s: d * e + (1 - d) * s, params["ema"], new_params["student"])
+        if adv:
+            t_d = jax.random.randint(k_d, (B,), 0, cfg.disc_max_t)
+            noise = jax.random.normal(k_dn, clips.shape)
+
+            def d_loss_fn(head):
+                real = disc_logits(model, teacher_params, head, clips, text, t_d, noise, sched)
+                fake = disc_logits(model, teacher_params, head, jax.lax.stop_gradient(f_student), text, t_d, noise,
+                                   sched)
+                return hinge_discriminator_loss(real, fake)
+
+            d_loss, d_grads = jax.value_and_grad(d_loss_fn)(params["disc"])
+            d_upd, d_opt = dtx.update(d_grads, state["opt_state"]["disc"], params["disc"])
+            new_params["disc"] = optax.apply_updates(params["disc"], d_upd)
+            new_opt["disc"] = d_opt
+            metrics["d_loss"] = d_loss
+        metrics["loss"] = total
+        return {**state, "params": new_params, "opt_state": new_opt, "step": state["step"] + 1}, metrics
+
+    return step
+
+
+def make_sampler(cfg: ConsistencyConfig, model, tcfg, num_steps: int):
+    """``fn(params, text, z_T, rng) -> samples``: the method's few-step sampler for the student (no guidance)."""
+    r = cfg.resolved()
+    sched = tcfg.diffusion.noise_schedule()
+    prediction = tcfg.diffusion.prediction
+
+    @jax.jit
+    def sample(params, text, z_T, rng):
+        f = lambda z, t: model.apply(params, z, t.astype(jnp.float32), text).sample
+        if cfg.method == "mlcm":
+            return tlcm_sample(f, z_T, sched, num_steps, rng=rng, prediction=prediction, clip_sample=1.0)
+        if r["boundary_scalings"]:
+            ts = lcm_timesteps(num_steps, sched.num_train_timesteps // cfg.skip, sched.num_train_timesteps)
+            return lcm_sample(f, z_T, sched, num_steps, rng=rng, prediction=prediction, timesteps=ts,
+                              clip_sample=1.0)
+        return mcm_sample(f, z_T, sched, mcm_boundaries(num_steps, sched.num_train_timesteps),
+                          prediction=prediction, clip_sample=1.0)
+
+    return sample
+
+
+def train_consistency(cfg: ConsistencyConfig, *, resume: bool = False, overwrite: bool = False) -> ConsistencyResult:
+    t0 = time.time()
+    out_dir = pathlib.Path(cfg.output_dir).absolute()
+    _prepare(out_dir, resume, overwrite)
+    (out_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    tcfg, model, teacher, tstep = load_vdit_run(cfg.teacher)
+    r = cfg.resolved()
+    mesh = shd.make_mesh(MeshConfig(data=1), jax.devices()[:1])
+    rep = replicated(mesh)
+    teacher = jax.device_put(teacher, rep)
+    source = ClipSource(tcfg)
+    loop = cfg.train
+    B = loop.batch_size
+    _say(f"[consistency] {cfg.method}: teacher {cfg.teacher} (step {tstep}), {r}")
+
+    tx = make_optimizer(cfg.optim, loop.steps)
+    dtx = optax.adam(cfg.disc_lr, b1=0.0, b2=0.99)
+    params = {"student": jax.tree.map(jnp.copy, teacher)}
+    if r["ema_decay"] > 0:
+        params["ema"] = jax.tree.map(jnp.copy, teacher)
+    opt_state = {"student": tx.init(params["student"])}
+    if r["adv_weight"] > 0:
+        L, H, D = tcfg.model.num_layers, tcfg.model.num_attention_heads, tcfg.model.attention_head_dim
+        params["disc"] = init_disc_head(jax.random.key(cfg.seed + 1), L * H * D)
+        opt_state["disc"] = dtx.init(params["disc"])
+    state = {"params": params, "opt_state": opt_state, "step": jnp.zeros((), jnp.int32),
+             "rng": jax.random.key_data(jax.random.key(cfg.seed))}
+    sh = jax.tree.map(lambda _: rep, state)
+    state = jax.device_put(state, sh)
+    manager = ckpt.open_manager(out_dir, keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)
+    start = 0
+    restored = manager.latest_step() if resume else None
+    if restored is not None:
+        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
+        p, o, meta = ckpt.restore(manager, abstract, sh)
+        state = {**state, "params": p, "opt_state": o, "step": jax.device_put(np.int32(meta["step"]), rep)}
+        start = int(meta["step"])
+        _say(f"[consistency] resumed from checkpoint step {start}")
+    elif resume:
+        _say(f"[consistency] --resume: no checkpoint in {ckpt.checkpoint_dir(out_dir)}, starting from step 0")
+
+    logger = MetricsLogger(out_dir, resume_step=restored)
+    schedule = lr_schedule(cfg.optim, loop.steps)
+    step_fn = jax.jit(make_step(cfg, model, tcfg, tx, dtx), donate_argnums=(0,), out_shardings=(sh, rep))
+    bar = tqdm(total=loop.steps, initial=start, desc=cfg.method, disable=not loop.progress, file=sys.stderr,
+               dynamic_ncols=True, mininterval=1.0)
+    losses: dict = {}
+    pending: list = []
+    for s in range(start + 1, loop.steps + 1):
+        clips, text = source.train_batch(s - 1, B)
+        state, m = step_fn(state, teacher, jnp.asarray(clips), jnp.asarray(text))
+        pending.append((s, m))
+        last = s == loop.steps
+        if s % loop.log_every == 0 or last:
+            for ps, pm in zip([a for a, _ in pending], jax.device_get([b for _, b in pending])):
+                vals = {k: float(v) for k, v in pm.items()}
+                losses[ps] = vals["loss"]
+                logger.log("train", ps, {**vals, "lr": float(schedule(ps - 1))})
+            logger.flush()
+            bar.set_postfix(loss=f"{losses[s]:.5f}", refresh=False)
+            bar.update(len(pending))
+            pending.clear()
+        if (cfg.checkpoint.every and s % cfg.checkpoint.every == 0) or last:
+            if pending:
+                jax.block_until_ready(pending[-1][1])
+            ckpt.save(manager, state, {"step": s})
+    bar.close()
+    manager.wait_until_finished()
+    manager.close()
+    wall = time.time() - t0
+    final = {"method": cfg.method, "resolved": r, "teacher": cfg.teacher, "teacher_step": int(tstep),
+             "steps": loop.steps, "final_loss": losses.get(loop.steps), "wall_time_s": wall}
+    (out_dir / "final.json").write_text(json.dumps(final, indent=1))
+    logger.close()
+    return ConsistencyResult(str(out_dir), start, loop.steps, losses, wall)
+
+
+def load_student(run_dir, step: Optional[int] = None):
+    """``(cfg, tcfg, model, student_params, step)`` of a distillation run (its latest checkpoint by default)."""
+    run_dir = pathlib.Path(run_dir)
+    cfg_path = run_dir / "config.yaml"
+    if not cfg_path.exists():
+        raise FileNotFoundError(f"{run_dir} is not a consistency distillation run directory (no config.yaml)")
+    cfg = from_dict(ConsistencyConfig, yaml.safe_load(cfg_path.read_text()))
+    tcfg, model, teacher, _ = load_vdit_run(cfg.teacher)
+    mesh = shd.make_mesh(MeshConfig(data=1), jax.devices()[:1])
+    rep = replicated(mesh)
+    r = cfg.resolved()
+    shape = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep)
+    abstract = {"student": jax.tree.map(shape, teacher)}
+    if r["ema_decay"] > 0:
+        abstract["ema"] = abstract["student"]
+    if r["adv_weight"] > 0:
+        L, H, D = tcfg.model.num_layers, tcfg.model.num_attention_heads, tcfg.model.attention_head_dim
+        abstract["disc"] = jax.tree.map(shape, jax.eval_shape(lambda: init_disc_head(jax.random.key(0), L * H * D)))
+    import orbax.checkpoint as ocp
+
+    with ckpt.open_manager(run_dir, read_only=True) as manager:
+        step = manager.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no finalised checkpoint in {ckpt.checkpoint_dir(run_dir)}")
+        out = manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract)))
+    return cfg, tcfg, model, out["params"]["student"], step
