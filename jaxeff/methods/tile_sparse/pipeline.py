@@ -43,16 +43,24 @@ from jaxeff.training.vdit import ClipSource, eval_noise, load_vdit_run, sample_c
 
 @dataclasses.dataclass(frozen=True)
 class SearchConfig:
-    """Stage 2: threshold ``r`` on the relative output error, candidate range, calibration set."""
+    """Stage 2: threshold ``r`` on the relative error, the criterion (``sample``: clips of a ``sample_steps``-step
+    guided DDIM run from fixed noise; ``output``: one-step model outputs at ``calib_timesteps``), candidate range,
+    calibration set."""
 
     threshold: float = 0.05
+    criterion: str = "sample"
     min_k: int = 1
     max_k: Optional[int] = None
     greedy: bool = True
     calib_clips: int = 8
     calib_timesteps: tuple[int, ...] = (900, 600, 300, 100)
+    sample_steps: int = 10
 
     def __post_init__(self):
+        if self.criterion not in ("sample", "output"):
+            raise config_error("search.criterion", "'sample' or 'output'", self.criterion)
+        if self.sample_steps < 1:
+            raise config_error("search.sample_steps", "a positive int", self.sample_steps)
         if self.threshold < 0:
             raise config_error("search.threshold", "a float >= 0", self.threshold)
         if self.calib_clips <= 0:
@@ -117,6 +125,7 @@ class TileSparseConfig:
     seed: int = 0
     block_size: Optional[int] = None
     impl: str = "auto"
+    guidance_scale: Optional[float] = None  # the sampler's guidance (search and evaluation); null: the teacher's
     search: SearchConfig = SearchConfig()
     kd: KDConfig = KDConfig()
     eval: SparseEvalConfig = SparseEvalConfig()
@@ -127,13 +136,16 @@ def _say(msg: str) -> None:
 
 
 def calibration_batches(cfg: TileSparseConfig, tcfg, source: ClipSource):
-    """Noised training-distribution clips (seed ``data.seed + 3``, disjoint from train/eval) at each calibration
-    timestep, with their captions."""
+    """``criterion="output"``: noised training-distribution clips (seed ``data.seed + 3``, disjoint from train/eval)
+    at each calibration timestep, with their captions. ``"sample"``: one batch of (starting noise, captions)."""
     from jaxeff.data.video import embed_captions, moving_shapes
 
     sched = tcfg.diffusion.noise_schedule()
     clips, captions, _ = moving_shapes(source.shapes, np.arange(cfg.search.calib_clips), seed=tcfg.data.seed + 3)
     text = jnp.asarray(embed_captions(captions, source.table))
+    if cfg.search.criterion == "sample":
+        z_T = np.random.default_rng([tcfg.data.seed + 3, 2]).standard_normal(clips.shape).astype(np.float32)
+        return [(jnp.asarray(z_T), text)]
     noise = np.random.default_rng([tcfg.data.seed + 3, 1]).standard_normal(clips.shape).astype(np.float32)
     out = []
     for t in cfg.search.calib_timesteps:
@@ -206,6 +218,9 @@ def run_tile_sparse(cfg: TileSparseConfig, *, resume: bool = False, overwrite: b
     if tcfg.data.dataset != "moving_shapes":
         raise ConfigError(f"config field 'teacher': expected a video DiT trained on moving_shapes clips (the quality "
                           f"measure is defined on them), got a run on {tcfg.data.dataset!r}")
+    if cfg.guidance_scale is not None:
+        tcfg = dataclasses.replace(tcfg, diffusion=dataclasses.replace(tcfg.diffusion,
+                                                                      guidance_scale=cfg.guidance_scale))
     source = ClipSource(tcfg)
     grid = model.token_grid((1, tcfg.model.in_channels, tcfg.data.frames, tcfg.data.size, tcfg.data.size))
     T, S = int(grid[0]), int(grid[1] * grid[2])
@@ -223,7 +238,8 @@ def run_tile_sparse(cfg: TileSparseConfig, *, resume: bool = False, overwrite: b
         result: SearchResult = search_layer_k(
             model, teacher, calibration_batches(cfg, tcfg, source), num_frames=T, tokens_per_frame=S,
             threshold=cfg.search.threshold, min_k=cfg.search.min_k, max_k=cfg.search.max_k,
-            greedy=cfg.search.greedy)
+            greedy=cfg.search.greedy, criterion=cfg.search.criterion, diffusion=tcfg.diffusion,
+            sample_steps=cfg.search.sample_steps)
         found = {**result.to_json(), "seconds": time.time() - t_s}
         search_path.write_text(json.dumps(found, indent=1))
         layer_k = result.layer_k
@@ -337,7 +353,8 @@ def run_tile_sparse(cfg: TileSparseConfig, *, resume: bool = False, overwrite: b
         "attention_sparsity": sparse.sparsity, "block_sparsity": sparse.block_sparsity,
         "block_size": sparse.block_size, "threshold": cfg.search.threshold,
         "output_rel_err_before_kd": err_before, "output_rel_err_after_kd": err_after,
-        "sample_steps": steps, "samples": ev.samples, "scores": scores,
+        "sample_steps": steps, "guidance_scale": tcfg.diffusion.guidance_scale, "samples": ev.samples,
+        "scores": scores,
         "fd_change_vs_teacher": (scores["student"]["fd"] - fd_t) / fd_t if fd_t > 0 else float("nan"),
         "extractor": quality.report, "wall_time_s": time.time() - t0,
     }

@@ -1,0 +1,110 @@
+"""The distillation trainer: SCott reduces to LCM, a tiny run with exact resume, the students' samplers, errors."""
+
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from jaxeff.config import ConfigError, load_config
+from jaxeff.methods.consistency.trainer import (
+    ConsistencyConfig,
+    load_student,
+    make_sampler,
+    make_step,
+    train_consistency,
+)
+from jaxeff.models.vdit import VideoDiT
+from jaxeff.training import checkpointing as ckpt
+from jaxeff.training.vdit import ClipSource, train_vdit
+from tests.vdit_tiny import CONFIG, FRAMES, tiny_config
+
+CD_CONFIG = CONFIG.parent / "cd_fmnist_mcd.yaml"
+
+
+def _cfg(teacher, out, *extra):
+    return load_config(ConsistencyConfig, CD_CONFIG, [f"teacher={teacher}", f"output_dir={out}", "train.steps=4",
+                                                      "train.batch_size=2", "train.log_every=1",
+                                                      "train.progress=false", "checkpoint.every=2",
+                                                      "checkpoint.keep=3", *extra])
+
+
+def test_scott_without_noise_substeps_or_adversary_is_lcm(tmp_path):
+    tcfg = tiny_config(tmp_path)
+    model = VideoDiT(tcfg.model)
+    teacher = model.init(jax.random.key(0))
+    clips, text = ClipSource(tcfg).train_batch(0, 2)
+    outs = []
+    for extra in (["method=lcm"], ["method=scott", "eta=0.0", "sub_steps=1", "adv_weight=0.0"]):
+        cfg = _cfg(tmp_path, tmp_path / "x", *extra)
+        tx = optax.adam(1e-3)
+        student = jax.tree.map(lambda a: a * 1.01, teacher)
+        state = {"params": {"student": student, "ema": teacher}, "opt_state": {"student": tx.init(student)},
+                 "step": jnp.zeros((), jnp.int32), "rng": jax.random.key_data(jax.random.key(3))}
+        new, m = jax.jit(make_step(cfg, model, tcfg, tx, None))(state, teacher, jnp.asarray(clips), jnp.asarray(text))
+        outs.append((float(m["loss"]), new["params"]))
+    assert outs[0][0] == outs[1][0] and outs[0][0] > 0
+    for a, b in zip(jax.tree.leaves(outs[0][1]), jax.tree.leaves(outs[1][1])):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.fixture(scope="module")
+def teacher_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cd") / "teacher"
+    train_vdit(tiny_config(out, steps=2))
+    return out
+
+
+def test_tiny_run_resumes_exactly_and_samples(teacher_run, tmp_path):
+    cfg = _cfg(teacher_run, tmp_path / "mcd", "method=mcd", "segments=2")
+    res = train_consistency(cfg)
+    assert sorted(res.losses) == [1, 2, 3, 4] and all(np.isfinite(v) for v in res.losses.values())
+    part = tmp_path / "part"
+    shutil.copytree(res.run_dir, part)
+    shutil.rmtree(ckpt.checkpoint_dir(part) / "4")
+    res2 = train_consistency(_cfg(teacher_run, part, "method=mcd", "segments=2"), resume=True)
+    assert res2.start_step == 2 and [res2.losses[s] for s in (3, 4)] == [res.losses[s] for s in (3, 4)]
+    c1, tcfg, model, student, step = load_student(res.run_dir)
+    _, _, _, student2, _ = load_student(part)
+    assert step == 4 and c1 == cfg
+    for a, b in zip(jax.tree.leaves(student), jax.tree.leaves(student2)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    _, _, text = ClipSource(tcfg).eval_set()
+    z = jax.random.normal(jax.random.key(0), (2, 3, FRAMES, 16, 16))
+    for n in (1, 2):
+        x = make_sampler(cfg, model, tcfg, n)(student, jnp.asarray(text[:2]), z, jax.random.key(1))
+        assert x.shape == z.shape and np.all(np.isfinite(np.asarray(x))) and float(jnp.max(jnp.abs(x))) <= 1
+    with pytest.raises(ConfigError, match="--resume"):
+        train_consistency(cfg)
+
+
+@pytest.mark.parametrize("method", ["lcm", "mlcm", "scott"])
+def test_other_methods_train_and_sample(teacher_run, tmp_path, method):
+    cfg = _cfg(teacher_run, tmp_path / method, f"method={method}", "train.steps=2", "checkpoint.every=0")
+    res = train_consistency(cfg)
+    assert sorted(res.losses) == [1, 2] and all(np.isfinite(v) for v in res.losses.values())
+    _, tcfg, model, student, _ = load_student(res.run_dir)
+    _, _, text = ClipSource(tcfg).eval_set()
+    z = jax.random.normal(jax.random.key(0), (2, 3, FRAMES, 16, 16))
+    x = make_sampler(cfg, model, tcfg, 2)(student, jnp.asarray(text[:2]), z, jax.random.key(1))
+    assert np.all(np.isfinite(np.asarray(x)))
+
+
+@pytest.mark.parametrize("override, match", [
+    (["method=dmd"], "method"),
+    (["method=mlcm", "segments=4"], "segments"),
+    (["ema_decay=1.0"], "ema_decay"),
+    (["train.grad_accum=2", "train.batch_size=4"], "grad_accum"),
+    (["skip=0"], "skip"),
+    (["space=w"], "space"),
+])
+def test_config_errors(tmp_path, override, match):
+    with pytest.raises((ConfigError, ValueError), match=match):
+        _cfg(tmp_path, tmp_path / "x", *override)
+
+
+def test_load_student_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a consistency"):
+        load_student(tmp_path)
