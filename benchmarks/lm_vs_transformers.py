@@ -174,10 +174,16 @@ def main(argv=None) -> list:
         # decode speed from the fastest run of each length: load from other processes only ever adds time, and a
         # difference of two medians of short runs can come out negative on a busy machine
         best = {k: min(v) for k, v in t.items()}
-        for impl, k1, kn in (("jaxeff", "j1", "jn"), ("transformers", "h1", "hn")):
-            if best[kn] <= best[k1]:
-                raise RuntimeError(f"{impl}: generating {n_new} tokens was not measurably slower than 1 token "
-                                   f"({best[kn] * 1e3:.2f} ms vs {best[k1] * 1e3:.2f} ms); raise --decode-tokens")
+
+        def decode_rate(k1: str, kn: str):
+            # None when n tokens were not measurably slower than 1 (a tiny model on a busy machine)
+            return (n_new - 1) / (best[kn] - best[k1]) if best[kn] > best[k1] else None
+
+        rates = {"jaxeff": decode_rate("j1", "jn"), "transformers": decode_rate("h1", "hn")}
+        for impl, r in rates.items():
+            if r is None:
+                print(f"warning: {impl}: {n_new} tokens were not measurably slower than 1 token on this machine; "
+                      f"decode_tok_s is null (raise --decode-tokens)", file=sys.stderr)
         jax_tokens = np.asarray(jax_gen(n_new)[0])
         hf_tokens = hf_gen(n_new)[0, short.shape[1]:].numpy()
 
@@ -185,9 +191,9 @@ def main(argv=None) -> list:
               prompt_len=args.prefill_len, **common)
         _emit(rows, out, impl="transformers", metric="prefill_ms", value=med["hp"] * 1e3, unit="ms",
               prompt_len=args.prefill_len, **common)
-        _emit(rows, out, impl="jaxeff", metric="decode_tok_s", value=(n_new - 1) / (best["jn"] - best["j1"]),
+        _emit(rows, out, impl="jaxeff", metric="decode_tok_s", value=rates["jaxeff"],
               unit="tok/s", new_tokens=n_new, **common)
-        _emit(rows, out, impl="transformers", metric="decode_tok_s", value=(n_new - 1) / (best["hn"] - best["h1"]),
+        _emit(rows, out, impl="transformers", metric="decode_tok_s", value=rates["transformers"],
               unit="tok/s", new_tokens=n_new, **common)
         _emit(rows, out, impl="jaxeff", metric="compile_s",
               value=first_calls - med["jp"] - med["j1"] - med["jn"], unit="s", **common)
@@ -196,8 +202,8 @@ def main(argv=None) -> list:
 
     by = {(r["impl"], r["metric"]): r["value"] for r in rows}
     summary = (f"prefill {args.prefill_len} tok: jaxeff {by['jaxeff', 'prefill_ms']:.1f} ms vs transformers "
-               f"{by['transformers', 'prefill_ms']:.1f} ms; decode: jaxeff {by['jaxeff', 'decode_tok_s']:.1f} tok/s "
-               f"vs transformers {by['transformers', 'decode_tok_s']:.1f} tok/s")
+               f"{by['transformers', 'prefill_ms']:.1f} ms; decode: jaxeff {by['jaxeff', 'decode_tok_s']} tok/s "
+               f"vs transformers {by['transformers', 'decode_tok_s']} tok/s")
     print(summary, file=sys.stderr)
     if out is not None:
         out.close()
