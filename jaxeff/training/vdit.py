@@ -45,9 +45,9 @@ from jaxeff.training import checkpointing as ckpt
 from jaxeff.training.config import CheckpointConfig, LoopConfig, OptimConfig
 from jaxeff.training.metrics import TB_DIR, MetricsLogger
 from jaxeff.training.optim import lr_schedule, make_optimizer
+from jaxeff.training.trainer import PAUSE_ENV, _pause_for_test  # the LM trainer's test hook
 from jaxeff.training.steps import abstract_state, init_state, replicated, state_shardings
 
-PAUSE_ENV = "JAXEFF_TEST_PAUSE_AT_STEP"
 _MAX_IN_FLIGHT = 8
 
 
@@ -392,14 +392,6 @@ def _prepare_run_dir(run_dir: pathlib.Path, resume: bool, overwrite: bool) -> No
         shutil.rmtree(cdir, ignore_errors=True)
         shutil.rmtree(run_dir / TB_DIR, ignore_errors=True)
     run_dir.mkdir(parents=True, exist_ok=True)
-
-
-def _pause_for_test(step: int, run_dir: pathlib.Path) -> None:
-    want = os.environ.get(PAUSE_ENV)
-    if want is not None and int(want) == step:
-        (run_dir / f"paused_at_{step}").write_text(str(os.getpid()))
-        while True:
-            time.sleep(1.0)
 
 
 def train_vdit(cfg: VDiTTrainConfig, *, resume: bool = False, overwrite: bool = False) -> VDiTTrainResult:
