@@ -92,6 +92,22 @@ def test_other_methods_train_and_sample(teacher_run, tmp_path, method):
     assert np.all(np.isfinite(np.asarray(x)))
 
 
+@pytest.mark.parametrize("method, extra, good, bad", [
+    ("mcd", ["segments=4"], (1, 2, 4), (3, 8)),   # on its own boundaries only
+    ("mlcm", [], (1, 3, 8), (9,)),                # the TLCM milestones
+    ("lcm", [], (1, 7, 50), (51,)),               # the 1000 // skip distillation grid
+])
+def test_sampler_step_range(tmp_path, method, extra, good, bad):
+    tcfg = tiny_config(tmp_path)
+    model = VideoDiT(tcfg.model)
+    cfg = _cfg(tmp_path, tmp_path / "x", f"method={method}", *extra)
+    for n in good:
+        make_sampler(cfg, model, tcfg, n)
+    for n in bad:
+        with pytest.raises(ValueError, match="num_steps"):
+            make_sampler(cfg, model, tcfg, n)
+
+
 @pytest.mark.parametrize("override, match", [
     (["method=dmd"], "method"),
     (["method=mlcm", "segments=4"], "segments"),

@@ -44,7 +44,14 @@ from tqdm.auto import tqdm
 
 from jaxeff import sharding as shd
 from jaxeff.config import ConfigError, config_error, from_dict, to_dict
-from jaxeff.diffusion.consistency import lcm_sample, lcm_timesteps, mcm_boundaries, mcm_sample, tlcm_sample
+from jaxeff.diffusion.consistency import (
+    lcm_sample,
+    lcm_timesteps,
+    mcm_boundaries,
+    mcm_sample,
+    tlcm_sample,
+    tlcm_subset,
+)
 from jaxeff.methods.consistency.losses import (
     DISTANCES,
     SPACES,
@@ -255,25 +262,43 @@ def make_step(cfg: ConsistencyConfig, model, tcfg, tx, dtx):
     return step
 
 
-def make_sampler(cfg: ConsistencyConfig, model, tcfg, num_steps: int):
-    """``fn(params, text, z_T, rng) -> samples``: the method's few-step sampler for the student (no guidance)."""
+def student_sample_fn(cfg: ConsistencyConfig, model, tcfg, num_steps: int):
+    """``fn(params, text, z_T, rng, self_attention=None) -> samples`` (traceable, not jitted): the method's
+    few-step sampler for the student, without guidance. ``self_attention`` is the model's self-attention hook (a
+    sparse attention, or a traced mask during a mask search). Raises ``ValueError`` for a step count outside what
+    the student was trained for: an MCD student with ``S`` segments samples on its own boundaries, so with a
+    divisor of ``S`` steps; MLCM with 1..8 (the TLCM milestones); LCM and SCott with 1 .. ``1000 // skip``."""
     r = cfg.resolved()
     sched = tcfg.diffusion.noise_schedule()
     prediction = tcfg.diffusion.prediction
+    if not isinstance(num_steps, (int, np.integer)) or num_steps < 1:
+        raise ValueError(f"num_steps: expected a positive int, got {num_steps!r}")
+    if cfg.method == "mlcm":
+        tlcm_subset(num_steps)  # raises outside 1..8
+    elif r["boundary_scalings"]:
+        ts = lcm_timesteps(num_steps, sched.num_train_timesteps // cfg.skip, sched.num_train_timesteps)
+    elif r["segments"] % num_steps:
+        raise ValueError(f"num_steps: a {cfg.method} student distilled with {r['segments']} segments samples on its "
+                         f"segment boundaries, so with a divisor of {r['segments']} steps; got {num_steps}")
 
-    @jax.jit
-    def sample(params, text, z_T, rng):
-        f = lambda z, t: model.apply(params, z, t.astype(jnp.float32), text).sample
+    def sample(params, text, z_T, rng, self_attention=None):
+        f = lambda z, t: model.apply(params, z, t.astype(jnp.float32), text, self_attention=self_attention).sample
         if cfg.method == "mlcm":
             return tlcm_sample(f, z_T, sched, num_steps, rng=rng, prediction=prediction, clip_sample=1.0)
         if r["boundary_scalings"]:
-            ts = lcm_timesteps(num_steps, sched.num_train_timesteps // cfg.skip, sched.num_train_timesteps)
             return lcm_sample(f, z_T, sched, num_steps, rng=rng, prediction=prediction, timesteps=ts,
                               clip_sample=1.0)
         return mcm_sample(f, z_T, sched, mcm_boundaries(num_steps, sched.num_train_timesteps),
                           prediction=prediction, clip_sample=1.0)
 
     return sample
+
+
+def make_sampler(cfg: ConsistencyConfig, model, tcfg, num_steps: int, self_attention=None):
+    """``fn(params, text, z_T, rng) -> samples``, jitted: ``student_sample_fn`` with a fixed (hashable)
+    self-attention hook (``None``: the model's dense attention)."""
+    fn = student_sample_fn(cfg, model, tcfg, num_steps)
+    return jax.jit(lambda params, text, z_T, rng: fn(params, text, z_T, rng, self_attention))
 
 
 def train_consistency(cfg: ConsistencyConfig, *, resume: bool = False, overwrite: bool = False) -> ConsistencyResult:

@@ -71,8 +71,8 @@ class SearchConfig:
 
 @dataclasses.dataclass(frozen=True)
 class KDConfig:
-    """Stage 3: distillation steps, batch, optimiser and loss weights (α final output, β per-layer attention
-    outputs, γ denoising loss on the data)."""
+    """Stage 3: distillation steps, batch, optimiser, loss weights (α final output, β per-layer attention
+    outputs, γ denoising loss on the data) and the timesteps the noised clips are drawn at."""
 
     steps: int = 200
     batch_size: int = 8
@@ -83,8 +83,11 @@ class KDConfig:
     gamma: float = 0.0
     log_every: int = 10
     checkpoint_every: int = 100
+    timesteps: Optional[tuple[int, ...]] = None  # the timesteps distilled at; null: uniform over the schedule
 
     def __post_init__(self):
+        if self.timesteps is not None and not self.timesteps:
+            raise config_error("kd.timesteps", "null or at least one timestep", self.timesteps)
         for name in ("batch_size", "log_every"):
             if getattr(self, name) <= 0:
                 raise config_error(f"kd.{name}", "a positive int", getattr(self, name))
@@ -199,57 +202,46 @@ def make_generator(model, tcfg, steps: int, sparse, batch_size: int):
     return fn
 
 
-def run_tile_sparse(cfg: TileSparseConfig, *, resume: bool = False, overwrite: bool = False) -> dict:
-    t0 = time.time()
-    out_dir = pathlib.Path(cfg.output_dir).absolute()
-    if (out_dir / "report.json").exists() and not (resume or overwrite):
-        raise ConfigError(f"config field 'output_dir': {str(out_dir)!r} already holds a finished run (report.json); "
+def prepare_output_dir(out_dir: pathlib.Path, finished: str, *, resume: bool, overwrite: bool,
+                       names=("checkpoints", "tb", "search.json", "report.json", "metrics.jsonl")) -> None:
+    """Refuses to reuse a finished run unless resuming or overwriting; ``overwrite`` removes ``names``."""
+    if (out_dir / finished).exists() and not (resume or overwrite):
+        raise ConfigError(f"config field 'output_dir': {str(out_dir)!r} already holds a finished run ({finished}); "
                           f"pass --overwrite to redo it or set output_dir=...")
     if overwrite and not resume:
         import shutil
 
-        for name in ("checkpoints", "tb", "search.json", "report.json", "metrics.jsonl"):
+        for name in names:
             p = out_dir / name
             shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
-    tcfg, model, teacher, tstep = load_vdit_run(cfg.teacher)
-    if tcfg.data.dataset != "moving_shapes":
-        raise ConfigError(f"config field 'teacher': expected a video DiT trained on moving_shapes clips (the quality "
-                          f"measure is defined on them), got a run on {tcfg.data.dataset!r}")
-    if cfg.guidance_scale is not None:
-        tcfg = dataclasses.replace(tcfg, diffusion=dataclasses.replace(tcfg.diffusion,
-                                                                      guidance_scale=cfg.guidance_scale))
-    source = ClipSource(tcfg)
-    grid = model.token_grid((1, tcfg.model.in_channels, tcfg.data.frames, tcfg.data.size, tcfg.data.size))
-    T, S = int(grid[0]), int(grid[1] * grid[2])
-    _say(f"[tile_sparse] teacher {cfg.teacher} (step {tstep}): {tcfg.model.num_layers} layers, {T} latent frames x "
-         f"{S} tokens")
 
-    # ---- stage 2
+def search_stage(cfg: TileSparseConfig, out_dir: pathlib.Path, model, params, tcfg, source: ClipSource,
+                 num_frames: int, tokens_per_frame: int, *, resume: bool, sample_fn=None) -> tuple:
+    """Stage 2 on ``params``: the chosen ``k`` per layer, written to (or, resuming, read from) ``search.json``.
+    ``sample_fn`` replaces the teacher's guided DDIM sampler of the ``sample`` criterion (see ``search_layer_k``)."""
     search_path = out_dir / "search.json"
     if resume and search_path.exists():
-        found = json.loads(search_path.read_text())
-        layer_k = tuple(found["layer_k"])
         _say(f"[tile_sparse] search: reusing {search_path}")
-    else:
-        t_s = time.time()
-        result: SearchResult = search_layer_k(
-            model, teacher, calibration_batches(cfg, tcfg, source), num_frames=T, tokens_per_frame=S,
-            threshold=cfg.search.threshold, min_k=cfg.search.min_k, max_k=cfg.search.max_k,
-            greedy=cfg.search.greedy, criterion=cfg.search.criterion, diffusion=tcfg.diffusion,
-            sample_steps=cfg.search.sample_steps)
-        found = {**result.to_json(), "seconds": time.time() - t_s}
-        search_path.write_text(json.dumps(found, indent=1))
-        layer_k = result.layer_k
-    sparse = TileSparseAttention(layer_k, T, S, block_size=cfg.block_size, impl=cfg.impl)
-    _say(f"[tile_sparse] k per layer {list(layer_k)} (None = dense): attention sparsity {sparse.sparsity:.1%}")
+        return tuple(json.loads(search_path.read_text())["layer_k"])
+    t_s = time.time()
+    result: SearchResult = search_layer_k(
+        model, params, calibration_batches(cfg, tcfg, source), num_frames=num_frames,
+        tokens_per_frame=tokens_per_frame, threshold=cfg.search.threshold, min_k=cfg.search.min_k,
+        max_k=cfg.search.max_k, greedy=cfg.search.greedy, criterion=cfg.search.criterion, diffusion=tcfg.diffusion,
+        sample_steps=cfg.search.sample_steps, sample_fn=sample_fn)
+    search_path.write_text(json.dumps({**result.to_json(), "seconds": time.time() - t_s}, indent=1))
+    return result.layer_k
 
-    # ---- stage 3
-    mesh = shd.make_mesh(MeshConfig(data=1), jax.devices()[:1])
+
+def distill_stage(cfg: TileSparseConfig, out_dir: pathlib.Path, model, teacher, sparse, tcfg, source: ClipSource,
+                  mesh, *, resume: bool) -> tuple:
+    """Stage 3: distils the dense ``teacher`` params into a student with the ``sparse`` attention (checkpoints and
+    ``metrics.jsonl`` in ``out_dir``, resumable). Returns ``(student_params, rel_err_before, rel_err_after,
+    logger)``: the relative output error against the teacher on the held-out set before and after, and the run's
+    open ``MetricsLogger``."""
     rep = replicated(mesh)
-    teacher = jax.device_put(teacher, rep)  # one placement for every array: each jitted function compiles once
     kd = cfg.kd
     clips_e, _, text_e = source.eval_set()
     t_e, noise_e = eval_noise(tcfg, clips_e.shape)
@@ -259,6 +251,11 @@ def run_tile_sparse(cfg: TileSparseConfig, *, resume: bool = False, overwrite: b
     _say(f"[tile_sparse] relative output error of the sparse model before distillation: {err_before:.3g}")
 
     sched = tcfg.diffusion.noise_schedule()
+    if kd.timesteps is not None:
+        bad = [t for t in kd.timesteps if not 0 <= t < sched.num_train_timesteps]
+        if bad:
+            raise config_error("kd.timesteps", f"ints in [0, {sched.num_train_timesteps})", bad)
+    kd_ts = None if kd.timesteps is None else jnp.asarray(kd.timesteps, jnp.int32)
     warmup = min(kd.warmup_steps, max(kd.steps - 1, 0))
     lr = optax.warmup_cosine_decay_schedule(0.0, kd.lr, warmup, max(kd.steps, 1), kd.lr * 0.1)
     tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(lr, weight_decay=0.0))
@@ -275,12 +272,16 @@ def run_tile_sparse(cfg: TileSparseConfig, *, resume: bool = False, overwrite: b
         state = {**state, "params": params, "opt_state": opt_state, "step": jax.device_put(np.int32(meta["step"]), rep)}
         start = int(meta["step"])
         _say(f"[tile_sparse] distillation resumed at step {start}")
+    logger = MetricsLogger(out_dir, resume_step=start if start else None)
 
     def step_fn(st, teacher_params, clips, text):
         key = jax.random.fold_in(jax.random.wrap_key_data(st["rng"]), st["step"])
         k_t, k_n, k_d = jax.random.split(key, 3)
         B = clips.shape[0]
-        t = jax.random.randint(k_t, (B,), 0, sched.num_train_timesteps)
+        if kd_ts is None:
+            t = jax.random.randint(k_t, (B,), 0, sched.num_train_timesteps)
+        else:
+            t = kd_ts[jax.random.randint(k_t, (B,), 0, kd_ts.shape[0])]
         noise = jax.random.normal(k_n, clips.shape)
         z = sched.add_noise(clips, noise, t)
         keep = jax.random.bernoulli(k_d, 1.0 - tcfg.data.caption_dropout, (B,))
@@ -293,7 +294,6 @@ def run_tile_sparse(cfg: TileSparseConfig, *, resume: bool = False, overwrite: b
         return {**st, "params": optax.apply_updates(st["params"], upd), "opt_state": opt,
                 "step": st["step"] + 1}, m
 
-    logger = MetricsLogger(out_dir, resume_step=start if start else None)
     if kd.steps > start:
         train = jax.jit(step_fn, donate_argnums=(0,), out_shardings=(sh, rep))
         bar = tqdm(total=kd.steps, initial=start, desc="distill", file=sys.stderr, dynamic_ncols=True,
@@ -322,18 +322,59 @@ def run_tile_sparse(cfg: TileSparseConfig, *, resume: bool = False, overwrite: b
     student = state["params"]
     err_after = output_error(teacher, student, eval_data)
     _say(f"[tile_sparse] relative output error after distillation: {err_after:.3g} (before {err_before:.3g})")
+    return student, err_before, err_after, logger
 
-    # ---- sample quality
+
+def quality_inputs(ev: SparseEvalConfig, tcfg, source: ClipSource, seed: int):
+    """The evaluation's fixed ``(captions, caption embeddings, starting noise)`` and its ``VideoQuality``."""
     from jaxeff.data.video import embed_captions, moving_shapes
     from jaxeff.diffusion.video_quality import VideoQuality
 
-    ev = cfg.eval
-    steps = ev.sample_steps or tcfg.diffusion.sample_steps
     quality = VideoQuality(source.shapes, num_real=ev.real_clips)
     _, captions, _ = moving_shapes(source.shapes, np.arange(ev.samples), seed=tcfg.data.seed + 5)
     text = embed_captions(captions, source.table)
-    z_T = np.random.default_rng([cfg.seed, 5]).standard_normal(
+    z_T = np.random.default_rng([seed, 5]).standard_normal(
         (ev.samples, tcfg.model.in_channels, tcfg.data.frames, tcfg.data.size, tcfg.data.size)).astype(np.float32)
+    return captions, text, z_T, quality
+
+
+def load_moving_shapes_teacher(cfg: TileSparseConfig):
+    """``(tcfg, model, teacher, step, source, T, S)`` of the ``teacher`` run (a video DiT on moving shapes), with
+    the config's guidance override applied."""
+    tcfg, model, teacher, tstep = load_vdit_run(cfg.teacher)
+    if tcfg.data.dataset != "moving_shapes":
+        raise ConfigError(f"config field 'teacher': expected a video DiT trained on moving_shapes clips (the quality "
+                          f"measure is defined on them), got a run on {tcfg.data.dataset!r}")
+    if cfg.guidance_scale is not None:
+        tcfg = dataclasses.replace(tcfg, diffusion=dataclasses.replace(tcfg.diffusion,
+                                                                      guidance_scale=cfg.guidance_scale))
+    source = ClipSource(tcfg)
+    grid = model.token_grid((1, tcfg.model.in_channels, tcfg.data.frames, tcfg.data.size, tcfg.data.size))
+    return tcfg, model, teacher, tstep, source, int(grid[0]), int(grid[1] * grid[2])
+
+
+def run_tile_sparse(cfg: TileSparseConfig, *, resume: bool = False, overwrite: bool = False) -> dict:
+    t0 = time.time()
+    out_dir = pathlib.Path(cfg.output_dir).absolute()
+    prepare_output_dir(out_dir, "report.json", resume=resume, overwrite=overwrite)
+    (out_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+    tcfg, model, teacher, tstep, source, T, S = load_moving_shapes_teacher(cfg)
+    _say(f"[tile_sparse] teacher {cfg.teacher} (step {tstep}): {tcfg.model.num_layers} layers, {T} latent frames x "
+         f"{S} tokens")
+    layer_k = search_stage(cfg, out_dir, model, teacher, tcfg, source, T, S, resume=resume)
+    sparse = TileSparseAttention(layer_k, T, S, block_size=cfg.block_size, impl=cfg.impl)
+    _say(f"[tile_sparse] k per layer {list(layer_k)} (None = dense): attention sparsity {sparse.sparsity:.1%}")
+
+    mesh = shd.make_mesh(MeshConfig(data=1), jax.devices()[:1])
+    teacher = jax.device_put(teacher, replicated(mesh))  # one placement for every array: each function compiles once
+    student, err_before, err_after, logger = distill_stage(cfg, out_dir, model, teacher, sparse, tcfg, source, mesh,
+                                                           resume=resume)
+
+    # ---- sample quality
+    ev, kd = cfg.eval, cfg.kd
+    steps = ev.sample_steps or tcfg.diffusion.sample_steps
+    captions, text, z_T, quality = quality_inputs(ev, tcfg, source, cfg.seed)
     scores = {}
     arms = [("teacher", teacher, None), ("student", student, sparse)]
     if ev.sample_no_kd and kd.steps:

@@ -8,7 +8,8 @@ keep the sparsest whose effect on the model's final output stays within a thresh
 over a few calibration inputs. Two criteria (``criterion``):
 
 * ``"output"``: ``y`` is the model's output on noised clips at a few timesteps, with their captions (one step);
-* ``"sample"``: ``y`` is the clip a short guided DDIM run produces from fixed noise and captions, and the error is
+* ``"sample"``: ``y`` is the clip a sampler produces (by default a short guided DDIM run of the teacher; a
+  few-step student passes its own sampler) from fixed noise and captions, and the error is
   relative to the clips' variance around their own mean. Errors compound over sampling steps and guidance
   amplifies them, so one-step errors of a few percent can still change the samples a lot (measured on the tiny
   teacher: uniform ``k = 1`` has a 1.7% one-step error but moves the Fréchet distance of its samples from 164 to
@@ -78,11 +79,20 @@ def make_masked_forward(model, num_frames: int, tokens_per_frame: int):
     return jax.jit(forward)
 
 
-def make_masked_sampler(model, num_frames: int, tokens_per_frame: int, diffusion, steps: int,
-                        guidance_scale: Optional[float] = None):
-    """``fn(params, z_T, text, tile_masks bool [L, T, T]) -> clips``: the teacher's DDIM sampler (``steps`` steps,
-    classifier-free guidance) with every layer's attention restricted to its traced frame-tile mask."""
-    from jaxeff.training.vdit import sample_clips
+def make_masked_sampler(model, num_frames: int, tokens_per_frame: int, diffusion=None, steps: int = 10,
+                        guidance_scale: Optional[float] = None, sample_fn=None):
+    """``fn(params, z_T, text, tile_masks bool [L, T, T]) -> clips``: a sampler with every layer's attention
+    restricted to its traced frame-tile mask. ``sample_fn(params, z_T, text, self_attention) -> clips`` is the
+    sampler (traceable); by default the teacher's DDIM sampler (``steps`` steps, classifier-free guidance, from
+    ``diffusion``)."""
+    if sample_fn is None:
+        if diffusion is None:
+            raise ValueError("make_masked_sampler: give the teacher's diffusion config or a sample_fn")
+        from jaxeff.training.vdit import sample_clips
+
+        def sample_fn(params, z_T, text, self_attention):
+            return sample_clips(model, params, text, diffusion, None, steps=steps, guidance_scale=guidance_scale,
+                                self_attention=self_attention, z_T=z_T)
 
     S = tokens_per_frame
 
@@ -91,8 +101,7 @@ def make_masked_sampler(model, num_frames: int, tokens_per_frame: int, diffusion
             tm = tile_masks[layer_index]
             return masked_dense_attention(q, k, v, jnp.repeat(jnp.repeat(tm, S, axis=0), S, axis=1))
 
-        return sample_clips(model, params, text, diffusion, None, steps=steps, guidance_scale=guidance_scale,
-                            self_attention=hook, z_T=z_T)
+        return sample_fn(params, z_T, text, hook)
 
     return jax.jit(sample)
 
@@ -100,10 +109,11 @@ def make_masked_sampler(model, num_frames: int, tokens_per_frame: int, diffusion
 def search_layer_k(model, params, calib: Sequence[tuple], *, num_frames: int, tokens_per_frame: int,
                    threshold: float, min_k: int = 1, max_k: Optional[int] = None, greedy: bool = True,
                    progress: bool = True, criterion: str = "output", diffusion=None, sample_steps: int = 10,
-                   guidance_scale: Optional[float] = None) -> SearchResult:
+                   guidance_scale: Optional[float] = None, sample_fn=None) -> SearchResult:
     """Stage 2. ``calib``: for ``criterion="output"``, batches ``(z [n, C, F, H, W], t [n] float, text [n, L, D])``;
-    for ``"sample"``, batches ``(z_T, text)`` and ``diffusion`` (the teacher's ``DiffusionConfig``). Returns the
-    chosen ``k`` per layer and every error measured."""
+    for ``"sample"``, batches ``(z_T, text)`` and either ``diffusion`` (the teacher's ``DiffusionConfig``: its guided
+    DDIM sampler) or ``sample_fn(params, z_T, text, self_attention) -> clips`` (any traceable sampler, e.g. a
+    few-step student's). Returns the chosen ``k`` per layer and every error measured."""
     T = num_frames
     L = model.config.num_layers
     max_k = T // 2 if max_k is None else max_k
@@ -119,9 +129,9 @@ def search_layer_k(model, params, calib: Sequence[tuple], *, num_frames: int, to
         def run(masks: np.ndarray) -> list:
             return [forward(params, z, t, text, jnp.asarray(masks)) for z, t, text in calib]
     elif criterion == "sample":
-        if diffusion is None:
-            raise ValueError("search_layer_k: criterion='sample' needs the teacher's diffusion config")
-        sampler = make_masked_sampler(model, T, tokens_per_frame, diffusion, sample_steps, guidance_scale)
+        if diffusion is None and sample_fn is None:
+            raise ValueError("search_layer_k: criterion='sample' needs the teacher's diffusion config or a sample_fn")
+        sampler = make_masked_sampler(model, T, tokens_per_frame, diffusion, sample_steps, guidance_scale, sample_fn)
 
         def run(masks: np.ndarray) -> list:
             return [sampler(params, z, text, jnp.asarray(masks)) for z, text in calib]
