@@ -22,7 +22,7 @@ IMAGES = ["data.dataset=fashion_mnist", "data.frames=1", "data.size=32", "model.
 
 def _student(root, teacher, name, method, *extra):
     cfg = load_config(ConsistencyConfig, CONFIG.parent / f"cd_fmnist_{method}.yaml",
-                      [f"teacher={teacher}", f"output_dir={root / name}", "train.steps=1", "train.batch_size=2",
+                      [f"teacher={teacher}", f"output_dir={root / name}", "train.steps=1", "train.batch_size=8",
                        "train.progress=false", "checkpoint.every=0", *extra])
     train_consistency(cfg)
     return root / name

@@ -11,6 +11,7 @@ import pytest
 from jaxeff.config import ConfigError, load_config
 from jaxeff.methods.consistency.trainer import (
     ConsistencyConfig,
+    init_disc_head,
     load_student,
     make_sampler,
     make_step,
@@ -18,7 +19,8 @@ from jaxeff.methods.consistency.trainer import (
 )
 from jaxeff.models.vdit import VideoDiT
 from jaxeff.training import checkpointing as ckpt
-from jaxeff.training.vdit import ClipSource, train_vdit
+from jaxeff.training.optim import make_optimizer
+from jaxeff.training.vdit import ClipSource, load_vdit_run, train_vdit
 from tests.vdit_tiny import CONFIG, FRAMES, tiny_config
 
 CD_CONFIG = CONFIG.parent / "cd_fmnist_mcd.yaml"
@@ -26,7 +28,7 @@ CD_CONFIG = CONFIG.parent / "cd_fmnist_mcd.yaml"
 
 def _cfg(teacher, out, *extra):
     return load_config(ConsistencyConfig, CD_CONFIG, [f"teacher={teacher}", f"output_dir={out}", "train.steps=4",
-                                                      "train.batch_size=2", "train.log_every=1",
+                                                      "train.batch_size=8", "train.log_every=1",
                                                       "train.progress=false", "checkpoint.every=2",
                                                       "checkpoint.keep=3", *extra])
 
@@ -78,6 +80,29 @@ def test_tiny_run_resumes_exactly_and_samples(teacher_run, tmp_path):
         assert x.shape == z.shape and np.all(np.isfinite(np.asarray(x))) and float(jnp.max(jnp.abs(x))) <= 1
     with pytest.raises(ConfigError, match="--resume"):
         train_consistency(cfg)
+
+
+def test_sharded_run_equals_one_device(teacher_run, tmp_path, devices8):
+    """8 devices (batch over data x fsdp, parameters sharded over fsdp) give the one-device losses."""
+    cfg = _cfg(teacher_run, tmp_path / "sharded", "method=scott", "train.steps=2", "checkpoint.every=0",
+               "mesh.data=4", "mesh.fsdp=2")
+    res = train_consistency(cfg)
+    tcfg, model, teacher, _ = load_vdit_run(teacher_run)
+    tx = make_optimizer(cfg.optim, cfg.train.steps)
+    dtx = optax.adam(cfg.disc_lr, b1=0.0, b2=0.99)
+    L, H, D = tcfg.model.num_layers, tcfg.model.num_attention_heads, tcfg.model.attention_head_dim
+    disc = init_disc_head(jax.random.key(cfg.seed + 1), L * H * D)
+    state = {"params": {"student": teacher, "ema": teacher, "disc": disc},
+             "opt_state": {"student": tx.init(teacher), "disc": dtx.init(disc)},
+             "step": jnp.zeros((), jnp.int32), "rng": jax.random.key_data(jax.random.key(cfg.seed))}
+    step = jax.jit(make_step(cfg, model, tcfg, tx, dtx))
+    source = ClipSource(tcfg)
+    for s in (1, 2):
+        clips, text = source.train_batch(s - 1, cfg.train.batch_size)
+        state, m = step(state, teacher, jnp.asarray(clips), jnp.asarray(text))
+        assert float(m["loss"]) == pytest.approx(res.losses[s], rel=1e-4)
+    with pytest.raises(ConfigError, match="data-parallel"):
+        train_consistency(_cfg(teacher_run, tmp_path / "bad", "train.batch_size=4", "mesh.data=8"))
 
 
 @pytest.mark.parametrize("method", ["lcm", "mlcm", "scott"])

@@ -22,7 +22,7 @@ E2E_CONFIG = CONFIG.parent / "efficient_vdit_tiny.yaml"
 
 def _overrides(tmp_path, *extra):
     return [f"teacher={tmp_path / 'teacher'}", f"output_dir={tmp_path / 'e2e'}", "stage1.segments=2",
-            "stage1.train.steps=2", "stage1.train.batch_size=2", "stage1.train.log_every=1",
+            "stage1.train.steps=2", "stage1.train.batch_size=8", "stage1.train.log_every=1",
             "stage1.train.progress=false", "stage1.checkpoint.every=1", "search.threshold=.inf",
             "search.calib_clips=2", "kd.steps=2", "kd.batch_size=2", "kd.log_every=1", "kd.checkpoint_every=1",
             "eval.samples=4", "eval.batch_size=4", "eval.real_clips=16", *extra]

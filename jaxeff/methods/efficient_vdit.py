@@ -92,6 +92,7 @@ class Stage1Config:
     optim: OptimConfig = OptimConfig(lr=1e-4, warmup_steps=50, min_lr_ratio=0.1, weight_decay=0.0)
     train: LoopConfig = LoopConfig(steps=500, batch_size=8, log_every=10, eval_every=0)
     checkpoint: CheckpointConfig = CheckpointConfig(every=100, keep=2, async_save=False)
+    mesh: MeshConfig = MeshConfig()
 
     def __post_init__(self):
         if self.method not in STAGE1_METHODS:
@@ -123,7 +124,7 @@ class EfficientVDiTConfig:
         return ConsistencyConfig(teacher=self.teacher, output_dir=str(out_dir / "stage1"), seed=self.seed,
                                  method=s.method, segments=s.segments, skip=s.skip, space=s.space,
                                  distance=s.distance, guidance_scale=g, optim=s.optim, train=s.train,
-                                 checkpoint=s.checkpoint)
+                                 checkpoint=s.checkpoint, mesh=s.mesh)
 
     def tile_sparse_config(self, out_dir: pathlib.Path) -> TileSparseConfig:
         return TileSparseConfig(teacher=self.teacher, output_dir=str(out_dir / "sparse"), seed=self.seed,

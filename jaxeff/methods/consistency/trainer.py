@@ -22,7 +22,9 @@ outputs, mean-pooled over tokens, feed a trainable two-layer head; hinge losses,
 (the paper's discriminator is the teacher U-Net with LoRA on the decoder; the exact input was not recoverable).
 
 The run directory holds ``config.yaml``, ``metrics.jsonl``, ``checkpoints/`` (student, EMA target, discriminator
-and their optimizer states) and, at the end, ``final.json``. Runs on one device.
+and their optimizer states) and, at the end, ``final.json``. Runs on a mesh (``mesh``, default: data parallel over
+every device): the batch is split over the data axes, the student, its EMA target and the teacher are sharded by
+the model's logical axes (``fsdp``/``tensor``), the discriminator head is replicated.
 """
 
 from __future__ import annotations
@@ -67,7 +69,7 @@ from jaxeff.training import checkpointing as ckpt
 from jaxeff.training.config import CheckpointConfig, LoopConfig, OptimConfig
 from jaxeff.training.metrics import TB_DIR, MetricsLogger
 from jaxeff.training.optim import lr_schedule, make_optimizer
-from jaxeff.training.steps import replicated
+from jaxeff.training.steps import opt_state_shardings, replicated
 from jaxeff.training.vdit import ClipSource, load_vdit_run, make_denoiser
 
 METHODS = ("mcd", "lcm", "mlcm", "scott")
@@ -101,6 +103,7 @@ class ConsistencyConfig:
     optim: OptimConfig = OptimConfig(lr=1e-4, warmup_steps=50, min_lr_ratio=0.1, weight_decay=0.0)
     train: LoopConfig = LoopConfig(steps=1000, batch_size=32, log_every=20, eval_every=0)
     checkpoint: CheckpointConfig = CheckpointConfig(every=250, keep=2, async_save=False)
+    mesh: MeshConfig = MeshConfig()
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -186,8 +189,9 @@ def _prepare(out_dir: pathlib.Path, resume: bool, overwrite: bool) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
 
 
-def make_step(cfg: ConsistencyConfig, model, tcfg, tx, dtx):
-    """The jitted distillation step ``(state, teacher_params, clips, text) -> (state, metrics)``."""
+def make_step(cfg: ConsistencyConfig, model, tcfg, tx, dtx, mesh=None):
+    """The distillation step ``(state, teacher_params, clips, text) -> (state, metrics)`` (to be jitted); ``mesh``
+    activates the model's activation-sharding constraints."""
     r = cfg.resolved()
     sched = tcfg.diffusion.noise_schedule()
     prediction = tcfg.diffusion.prediction
@@ -259,7 +263,14 @@ def make_step(cfg: ConsistencyConfig, model, tcfg, tx, dtx):
         metrics["loss"] = total
         return {**state, "params": new_params, "opt_state": new_opt, "step": state["step"] + 1}, metrics
 
-    return step
+    if mesh is None:
+        return step
+
+    def step_on_mesh(*args):
+        with shd.activate(mesh):
+            return step(*args)
+
+    return step_on_mesh
 
 
 def student_sample_fn(cfg: ConsistencyConfig, model, tcfg, num_steps: int):
@@ -306,29 +317,39 @@ def train_consistency(cfg: ConsistencyConfig, *, resume: bool = False, overwrite
     out_dir = pathlib.Path(cfg.output_dir).absolute()
     _prepare(out_dir, resume, overwrite)
     (out_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    tcfg, model, teacher, tstep = load_vdit_run(cfg.teacher)
     r = cfg.resolved()
-    mesh = shd.make_mesh(MeshConfig(data=1), jax.devices()[:1])
+    mesh = shd.make_mesh(cfg.mesh)
+    shape = cfg.mesh.shape(mesh.size)
+    data_par = shape[0] * shape[1] * shape[2]
+    if cfg.train.batch_size % data_par:
+        raise config_error("train.batch_size", f"a multiple of the data-parallel size {data_par}",
+                           cfg.train.batch_size)
     rep = replicated(mesh)
-    teacher = jax.device_put(teacher, rep)
+    tcfg, model, teacher, tstep = load_vdit_run(cfg.teacher, mesh=mesh)
+    param_sh = shd.tree_shardings(model.param_axes(), teacher, mesh)
     source = ClipSource(tcfg)
     loop = cfg.train
     B = loop.batch_size
-    _say(f"[consistency] {cfg.method}: teacher {cfg.teacher} (step {tstep}), {r}")
+    _say(f"[consistency] {cfg.method}: teacher {cfg.teacher} (step {tstep}), {r}, mesh {dict(mesh.shape)}")
 
     tx = make_optimizer(cfg.optim, loop.steps)
     dtx = optax.adam(cfg.disc_lr, b1=0.0, b2=0.99)
     params = {"student": jax.tree.map(jnp.copy, teacher)}
+    sh_params = {"student": param_sh}
     if r["ema_decay"] > 0:
         params["ema"] = jax.tree.map(jnp.copy, teacher)
+        sh_params["ema"] = param_sh
     opt_state = {"student": tx.init(params["student"])}
+    sh_opt = {"student": opt_state_shardings(opt_state["student"], params["student"], param_sh, mesh)}
     if r["adv_weight"] > 0:
         L, H, D = tcfg.model.num_layers, tcfg.model.num_attention_heads, tcfg.model.attention_head_dim
         params["disc"] = init_disc_head(jax.random.key(cfg.seed + 1), L * H * D)
         opt_state["disc"] = dtx.init(params["disc"])
+        sh_params["disc"] = jax.tree.map(lambda _: rep, params["disc"])
+        sh_opt["disc"] = jax.tree.map(lambda _: rep, opt_state["disc"])
     state = {"params": params, "opt_state": opt_state, "step": jnp.zeros((), jnp.int32),
              "rng": jax.random.key_data(jax.random.key(cfg.seed))}
-    sh = jax.tree.map(lambda _: rep, state)
+    sh = {"params": sh_params, "opt_state": sh_opt, "step": rep, "rng": rep}
     state = jax.device_put(state, sh)
     manager = ckpt.open_manager(out_dir, keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)
     start = 0
@@ -344,14 +365,16 @@ def train_consistency(cfg: ConsistencyConfig, *, resume: bool = False, overwrite
 
     logger = MetricsLogger(out_dir, resume_step=restored)
     schedule = lr_schedule(cfg.optim, loop.steps)
-    step_fn = jax.jit(make_step(cfg, model, tcfg, tx, dtx), donate_argnums=(0,), out_shardings=(sh, rep))
+    step_fn = jax.jit(make_step(cfg, model, tcfg, tx, dtx, mesh), donate_argnums=(0,),
+                      in_shardings=(sh, param_sh, shd.data_sharding(mesh, 5), shd.data_sharding(mesh, 3)),
+                      out_shardings=(sh, rep))
     bar = tqdm(total=loop.steps, initial=start, desc=cfg.method, disable=not loop.progress, file=sys.stderr,
                dynamic_ncols=True, mininterval=1.0)
     losses: dict = {}
     pending: list = []
     for s in range(start + 1, loop.steps + 1):
         clips, text = source.train_batch(s - 1, B)
-        state, m = step_fn(state, teacher, jnp.asarray(clips), jnp.asarray(text))
+        state, m = step_fn(state, teacher, shd.shard_host_batch(clips, mesh), shd.shard_host_batch(text, mesh))
         pending.append((s, m))
         last = s == loop.steps
         if s % loop.log_every == 0 or last:
@@ -378,23 +401,26 @@ def train_consistency(cfg: ConsistencyConfig, *, resume: bool = False, overwrite
     return ConsistencyResult(str(out_dir), start, loop.steps, losses, wall)
 
 
-def load_student(run_dir, step: Optional[int] = None):
-    """``(cfg, tcfg, model, student_params, step)`` of a distillation run (its latest checkpoint by default)."""
+def load_student(run_dir, step: Optional[int] = None, mesh=None):
+    """``(cfg, tcfg, model, student_params, step)`` of a distillation run (its latest checkpoint by default),
+    restored onto ``mesh`` (default: one device) with the model's parameter shardings."""
     run_dir = pathlib.Path(run_dir)
     cfg_path = run_dir / "config.yaml"
     if not cfg_path.exists():
         raise FileNotFoundError(f"{run_dir} is not a consistency distillation run directory (no config.yaml)")
     cfg = from_dict(ConsistencyConfig, yaml.safe_load(cfg_path.read_text()))
-    tcfg, model, teacher, _ = load_vdit_run(cfg.teacher)
-    mesh = shd.make_mesh(MeshConfig(data=1), jax.devices()[:1])
+    mesh = mesh or shd.make_mesh(MeshConfig(data=1), jax.devices()[:1])
+    tcfg, model, teacher, _ = load_vdit_run(cfg.teacher, mesh=mesh)
     rep = replicated(mesh)
     r = cfg.resolved()
-    shape = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep)
-    abstract = {"student": jax.tree.map(shape, teacher)}
+    param_sh = shd.tree_shardings(model.param_axes(), teacher, mesh)
+    abstract = {"student": jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), teacher,
+                                        param_sh)}
     if r["ema_decay"] > 0:
         abstract["ema"] = abstract["student"]
     if r["adv_weight"] > 0:
         L, H, D = tcfg.model.num_layers, tcfg.model.num_attention_heads, tcfg.model.attention_head_dim
+        shape = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep)
         abstract["disc"] = jax.tree.map(shape, jax.eval_shape(lambda: init_disc_head(jax.random.key(0), L * H * D)))
     import orbax.checkpoint as ocp
 
