@@ -374,9 +374,12 @@ def sample_clips(model: VideoDiT, params, text, cfg: DiffusionConfig, rng, *, st
             raise ValueError("sample_clips: give z_T or frames_hw=(T, H, W)")
         z_T = jax.random.normal(rng, (text.shape[0], model.config.in_channels) + tuple(frames_hw), jnp.float32)
     denoise = make_denoiser(model, params, text, jnp.zeros_like(text), g, self_attention)
+    # x̂ is clamped once, at the end, not inside the steps: diffusers' ``clip_sample`` clamps x̂ but keeps the
+    # unclamped ε̂, an inconsistency that compounds over many steps (measured on the Fashion-MNIST teacher with
+    # guidance 2: an FID-style score of 128 at 50 steps with it, 16 without; 22 vs 24 at 4 steps).
     out = ddim_sample(denoise, z_T, cfg.noise_schedule(), steps, prediction=cfg.prediction,
-                      spacing=cfg.sample_spacing, clip_sample=1.0)
-    return out
+                      spacing=cfg.sample_spacing, clip_sample=None)
+    return jnp.clip(out, -1.0, 1.0)
 
 
 # ---- the loop --------------------------------------------------------------------------------------------------
