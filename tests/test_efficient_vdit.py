@@ -111,3 +111,10 @@ def test_teacher_of_another_dataset_is_an_error(tmp_path):
     cfg = load_config(EfficientVDiTConfig, E2E_CONFIG, _overrides(tmp_path))
     with pytest.raises(ConfigError, match="moving_shapes"):
         run_efficient_vdit(cfg)
+
+
+def test_cli_reports_config_errors(capsys):
+    from train.efficient_vdit import main
+
+    assert main(["--config", str(E2E_CONFIG), "stage1.method=lcm"]) == 2
+    assert "stage1.method" in capsys.readouterr().err
