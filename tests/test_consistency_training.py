@@ -149,3 +149,17 @@ def test_config_errors(tmp_path, override, match):
 def test_load_student_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a consistency"):
         load_student(tmp_path)
+
+
+def test_student_of_a_retrained_teacher_and_schedule_mismatch(tmp_path):
+    train_vdit(tiny_config(tmp_path / "teacher", steps=1))
+    cfg = _cfg(tmp_path / "teacher", tmp_path / "mcd", "method=mcd", "segments=2", "train.steps=1",
+               "checkpoint.every=0")
+    train_consistency(cfg)
+    # the teacher run is replaced by one of another shape: the student no longer loads, with a clear error
+    train_vdit(tiny_config(tmp_path / "teacher", steps=1, extra=["model.ffn_dim=32"]), overwrite=True)
+    with pytest.raises(ValueError, match="does not match the model of its teacher"):
+        load_student(tmp_path / "mcd")
+    train_vdit(tiny_config(tmp_path / "t500", steps=1, extra=["diffusion.num_train_timesteps=500"]))
+    with pytest.raises(ConfigError, match="1000-step"):
+        train_consistency(_cfg(tmp_path / "t500", tmp_path / "mlcm", "method=mlcm", "train.steps=1"))

@@ -326,6 +326,11 @@ def train_consistency(cfg: ConsistencyConfig, *, resume: bool = False, overwrite
                            cfg.train.batch_size)
     rep = replicated(mesh)
     tcfg, model, teacher, tstep = load_vdit_run(cfg.teacher, mesh=mesh)
+    n_train = tcfg.diffusion.num_train_timesteps
+    if cfg.method == "mlcm" and n_train != 1000:
+        raise ConfigError(f"config field 'teacher': mlcm samples on the TLCM milestones of a 1000-step schedule, "
+                          f"the teacher {cfg.teacher} has {n_train} training timesteps")
+    distillation_grid(cfg.skip, n_train)  # raises for a skip the teacher's schedule cannot hold
     param_sh = shd.tree_shardings(model.param_axes(), teacher, mesh)
     source = ClipSource(tcfg)
     loop = cfg.train
@@ -428,5 +433,9 @@ def load_student(run_dir, step: Optional[int] = None, mesh=None):
         step = manager.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no finalised checkpoint in {ckpt.checkpoint_dir(run_dir)}")
-        out = manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract)))
+        try:
+            out = manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract)))
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{run_dir}: its checkpoint (step {step}) does not match the model of its teacher run "
+                             f"{cfg.teacher} (was the teacher retrained with another shape?): {e}") from e
     return cfg, tcfg, model, out["params"]["student"], step
