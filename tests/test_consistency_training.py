@@ -52,6 +52,64 @@ def test_scott_without_noise_substeps_or_adversary_is_lcm(tmp_path):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+def test_scott_adversarial_gradient(tmp_path):
+    """The adversarial term meets the consistency loss at the student's output: with a fixed weight the update is
+    that of ``grad(L_CD + w L_adv)`` taken directly; ``grad_norm`` rescales w by the ratio of the two gradients'
+    norms there."""
+    from jaxeff.diffusion.consistency import consistency_output, mcm_boundaries
+    from jaxeff.methods.consistency.losses import (
+        consistency_distillation_loss,
+        distillation_grid,
+        hinge_generator_loss,
+    )
+    from jaxeff.methods.consistency.trainer import disc_logits
+    from jaxeff.training.vdit import make_denoiser
+
+    tcfg = tiny_config(tmp_path)
+    model = VideoDiT(tcfg.model)
+    teacher = model.init(jax.random.key(0))
+    clips, text = (jnp.asarray(a) for a in ClipSource(tcfg).train_batch(0, 2))
+    L, H, D = tcfg.model.num_layers, tcfg.model.num_attention_heads, tcfg.model.attention_head_dim
+    disc = init_disc_head(jax.random.key(5), L * H * D)
+    student = jax.tree.map(lambda a: a * 1.01, teacher)
+    sgd = optax.sgd(1.0)
+    lams = {}
+    for balance in ("none", "grad_norm"):
+        cfg = _cfg(tmp_path, tmp_path / "x", "method=scott", f"adv_balance={balance}")
+        state = {"params": {"student": student, "ema": teacher, "disc": disc},
+                 "opt_state": {"student": sgd.init(student), "disc": optax.adam(1e-3).init(disc)},
+                 "step": jnp.zeros((), jnp.int32), "rng": jax.random.key_data(jax.random.key(3))}
+        new, m = jax.jit(make_step(cfg, model, tcfg, sgd, optax.adam(1e-3)))(state, teacher, clips, text)
+        lams[balance] = float(m["adv_lambda"])
+        if balance != "none":
+            continue
+        # the same step's randomness, written out: the direct gradient of L_CD + 0.4 L_adv
+        key = jax.random.fold_in(jax.random.key(3), 0)
+        k_t, k_n, _, _, k_solve, k_d, k_dn = jax.random.split(key, 7)
+        sched, r = tcfg.diffusion.noise_schedule(), cfg.resolved()
+        grid = jnp.asarray(distillation_grid(cfg.skip), jnp.int32)
+        t = grid[jax.random.randint(k_t, (2,), 0, grid.shape[0])]
+        z_t = sched.add_noise(clips, jax.random.normal(k_n, clips.shape, jnp.float32), t)
+        t_d = jax.random.randint(k_d, (2,), 0, cfg.disc_max_t)
+        d_noise = jax.random.normal(k_dn, clips.shape)
+        tch = make_denoiser(model, teacher, text, jnp.zeros_like(text), tcfg.diffusion.guidance_scale)
+
+        def total(p):
+            out = model.apply(p, z_t, t.astype(jnp.float32), text).sample
+            cd, _ = consistency_distillation_loss(
+                lambda z, tt: out, lambda z, tt: model.apply(teacher, z, tt.astype(jnp.float32), text).sample,
+                tch, sched, z_t, t, boundaries=mcm_boundaries(1), skip=cfg.skip,
+                prediction=tcfg.diffusion.prediction, boundary_scalings=True, eta=r["eta"],
+                sub_steps=r["sub_steps"], rng=k_solve)
+            f = consistency_output(sched, out, z_t, t, prediction=tcfg.diffusion.prediction, boundary_scalings=True)
+            return cd + 0.4 * hinge_generator_loss(disc_logits(model, teacher, disc, f, text, t_d, d_noise, sched))
+
+        g = jax.grad(total)(student)
+        for a, b, gg in zip(jax.tree.leaves(new["params"]["student"]), jax.tree.leaves(student), jax.tree.leaves(g)):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b - gg), rtol=1e-4, atol=1e-6)
+    assert lams["none"] == pytest.approx(0.4) and lams["grad_norm"] != pytest.approx(0.4)
+
+
 @pytest.fixture(scope="module")
 def teacher_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("cd") / "teacher"

@@ -47,6 +47,7 @@ from tqdm.auto import tqdm
 from jaxeff import sharding as shd
 from jaxeff.config import ConfigError, config_error, from_dict, to_dict
 from jaxeff.diffusion.consistency import (
+    consistency_output,
     lcm_sample,
     lcm_timesteps,
     mcm_boundaries,
@@ -95,6 +96,7 @@ class ConsistencyConfig:
     eta: Optional[float] = None
     sub_steps: Optional[int] = None
     adv_weight: Optional[float] = None
+    adv_balance: str = "grad_norm"
     disc_lr: float = 2e-4
     disc_max_t: int = 500
     space: str = "z"
@@ -110,6 +112,8 @@ class ConsistencyConfig:
             raise config_error("method", f"one of {METHODS}", self.method)
         if self.space not in SPACES:
             raise config_error("space", f"one of {SPACES}", self.space)
+        if self.adv_balance not in ("grad_norm", "none"):
+            raise config_error("adv_balance", "'grad_norm' or 'none'", self.adv_balance)
         if self.distance not in DISTANCES:
             raise config_error("distance", f"one of {DISTANCES}", self.distance)
         r = self.resolved()
@@ -217,28 +221,48 @@ def make_step(cfg: ConsistencyConfig, model, tcfg, tx, dtx, mesh=None):
             t = grid_j[jax.random.randint(k_t, (B,), 0, grid_j.shape[0])]
             z_t = sched.add_noise(clips, jax.random.normal(k_n, clips.shape, jnp.float32), t)
 
-        def loss_fn(p):
-            student = lambda z, tt: model.apply(p["student"], z, tt.astype(jnp.float32), text).sample
-            tp = p["ema"] if r["ema_decay"] > 0 else jax.lax.stop_gradient(p["student"])
+        params_target = state["params"]["ema"] if r["ema_decay"] > 0 else None
+
+        def cd_loss(p_student, student_out=None):
+            """The consistency loss; ``student_out`` replaces the student's forward pass (its output at z_t)."""
+            student = (lambda z, tt: student_out) if student_out is not None else \
+                (lambda z, tt: model.apply(p_student, z, tt.astype(jnp.float32), text).sample)
+            tp = params_target if params_target is not None else jax.lax.stop_gradient(p_student)
             target = lambda z, tt: model.apply(tp, z, tt.astype(jnp.float32), text).sample
-            loss, aux = consistency_distillation_loss(
+            return consistency_distillation_loss(
                 student, target, teacher, sched, z_t, t, boundaries=boundaries, skip=cfg.skip,
                 prediction=prediction, boundary_scalings=r["boundary_scalings"], eta=r["eta"],
                 sub_steps=r["sub_steps"], rng=k_solve if r["eta"] > 0 else None, space=cfg.space,
                 distance=cfg.distance)
-            metrics = {"cd_loss": loss}
-            total = loss
-            if adv:
-                t_d = jax.random.randint(k_d, (B,), 0, cfg.disc_max_t)
-                fake = disc_logits(model, teacher_params, jax.lax.stop_gradient(p["disc"]), aux["f_student"],
-                                   text, t_d, jax.random.normal(k_dn, clips.shape), sched)
-                g_loss = hinge_generator_loss(fake)
-                total = total + r["adv_weight"] * g_loss
-                metrics["g_loss"] = g_loss
-            return total, (metrics, aux["f_student"])
 
         params = state["params"]
-        (total, (metrics, f_student)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        if not adv:
+            (total, aux), g_student = jax.value_and_grad(cd_loss, has_aux=True)(params["student"])
+            metrics = {"cd_loss": total}
+        else:
+            # The two terms' gradients meet at the student's output: one forward, one backward through the student.
+            t_d = jax.random.randint(k_d, (B,), 0, cfg.disc_max_t)
+            d_noise = jax.random.normal(k_dn, clips.shape)
+            p_s = params["student"]
+            out, pull = jax.vjp(lambda p: model.apply(p, z_t, t.astype(jnp.float32), text).sample, p_s)
+            (cd, aux), g_cd = jax.value_and_grad(lambda o: cd_loss(p_s, o), has_aux=True)(out)
+
+            def gen_loss(o):
+                f = consistency_output(sched, o, z_t, t, prediction=prediction,
+                                       boundary_scalings=r["boundary_scalings"])
+                return hinge_generator_loss(disc_logits(model, teacher_params, params["disc"], f, text, t_d, d_noise,
+                                                        sched))
+
+            g_loss, g_adv = jax.value_and_grad(gen_loss)(out)
+            lam = jnp.asarray(r["adv_weight"], jnp.float32)
+            if cfg.adv_balance == "grad_norm":
+                lam = lam * optax.tree.norm(g_cd) / (optax.tree.norm(g_adv) + 1e-12)
+            lam = jax.lax.stop_gradient(lam)
+            (g_student,) = pull(g_cd + lam * g_adv)
+            total = cd + lam * g_loss
+            metrics = {"cd_loss": cd, "g_loss": g_loss, "adv_lambda": lam}
+        f_student = aux["f_student"]
+        grads = {"student": g_student}
         upd, opt_s = tx.update(grads["student"], state["opt_state"]["student"], params["student"])
         new_params = {**params, "student": optax.apply_updates(params["student"], upd)}
         new_opt = {**state["opt_state"], "student": opt_s}
