@@ -14,8 +14,9 @@ trained in the repo, against ``--real`` real test images (comparable between row
 
 Rows: ``{"bench": "sample_quality", "sampler", "steps", "metric", "value", "unit", ...}`` with samplers
 ``teacher_ddim`` (the reference, ``--teacher-steps``, default 50), ``ddim`` (the teacher at few steps) and each
-student's method name (``mcd``, ``lcm``, ``mlcm``, ``scott``). A student directory that does not exist is skipped
-with a note; a student distilled from another teacher is an error.
+student's method name (``mcd``, ``lcm``, ``mlcm``, ``scott``) with its own sampler, plus ``mlcm_mcm``: the MLCM
+student sampled deterministically on its segment boundaries instead of TLCM's re-noising. A student directory
+that does not exist is skipped with a note; a student distilled from another teacher is an error.
 """
 
 from __future__ import annotations
@@ -149,12 +150,16 @@ def main(argv=None) -> list:
         cfg, scfg, smodel, student, sstep = load_student(d)
         if scfg.model != tcfg.model:
             raise SystemExit(f"{d}: distilled from a teacher of another shape ({cfg.teacher}) than --teacher")
-        for k in args.steps:
-            try:
-                fn = make_sampler(cfg, smodel, scfg, k)
-                run(cfg.method, k, fn, student, student_run=d, student_step=int(sstep))
-            except ValueError as e:
-                print(f"[{BENCH}] {cfg.method} cannot sample with {k} steps: {e}", file=sys.stderr)
+        # an MLCM student is also sampled deterministically on its segment boundaries (row "mlcm_mcm")
+        samplers = [(cfg.method, None)] + ([("mlcm_mcm", "mcm")] if cfg.method == "mlcm" else [])
+        for name, sampler in samplers:
+            for k in args.steps:
+                try:
+                    fn = make_sampler(cfg, smodel, scfg, k, sampler=sampler)
+                except ValueError as e:
+                    print(f"[{BENCH}] {name} cannot sample with {k} steps: {e}", file=sys.stderr)
+                    continue
+                run(name, k, fn, student, student_run=d, student_step=int(sstep))
     if out is not None:
         out.close()
     return rows

@@ -34,7 +34,8 @@ def runs(tmp_path_factory):
     train_vdit(tiny_config(root / "teacher", steps=1, extra=IMAGES))
     mcd = _student(root, root / "teacher", "mcd", "mcd", "segments=2")
     lcm = _student(root, root / "teacher", "lcm", "lcm")
-    return root, mcd, lcm
+    mlcm = _student(root, root / "teacher", "mlcm", "mlcm")
+    return root, mcd, lcm, mlcm
 
 
 @pytest.fixture
@@ -45,16 +46,19 @@ def random_extractor(monkeypatch):
 
 
 def test_rows(runs, random_extractor, tmp_path):
-    root, mcd, lcm = runs
+    root, mcd, lcm, mlcm = runs
     out = tmp_path / "rows.jsonl"
-    rows = sample_quality.main(["--teacher", str(root / "teacher"), "--students", f"{mcd},{lcm},{root / 'none'}",
+    rows = sample_quality.main(["--teacher", str(root / "teacher"), "--students",
+                                f"{mcd},{lcm},{mlcm},{root / 'none'}",
                                 "--steps", "1,2,3", "--teacher-steps", "3", "--samples", "6", "--real", "8",
                                 "--batch", "4", "--repeats", "1", "--out", str(out)])
     assert all({"bench", "sampler", "steps", "metric", "value"} <= set(r) for r in rows)
     got = {(r["sampler"], r["steps"]) for r in rows}
-    # the 2-segment MCD student samples with 1 or 2 steps only; LCM with any; a missing directory is skipped
+    # the 2-segment MCD student samples with 1 or 2 steps only; LCM and MLCM (TLCM) with any of these; MLCM's
+    # deterministic sampler on divisors of its 8 segments; a missing directory is skipped
     assert got == {("teacher_ddim", 3), ("ddim", 1), ("ddim", 2), ("ddim", 3), ("mcd", 1), ("mcd", 2),
-                   ("lcm", 1), ("lcm", 2), ("lcm", 3)}
+                   ("lcm", 1), ("lcm", 2), ("lcm", 3), ("mlcm", 1), ("mlcm", 2), ("mlcm", 3), ("mlcm_mcm", 1),
+                   ("mlcm_mcm", 2)}
     for r in rows:
         assert r["bench"] == "sample_quality" and r["samples"] == 6
         if r["metric"] == "sample_ms":
@@ -66,7 +70,7 @@ def test_rows(runs, random_extractor, tmp_path):
 
 
 def test_student_of_another_teacher_is_an_error(runs, random_extractor, tmp_path):
-    root, _, _ = runs
+    root = runs[0]
     train_vdit(tiny_config(tmp_path / "wide", steps=1, extra=[*IMAGES, "model.ffn_dim=32"]))
     other = _student(tmp_path, tmp_path / "wide", "other", "mcd", "segments=2")
     with pytest.raises(SystemExit, match="another shape"):

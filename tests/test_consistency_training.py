@@ -189,6 +189,12 @@ def test_sampler_step_range(tmp_path, method, extra, good, bad):
     for n in bad:
         with pytest.raises(ValueError, match="num_steps"):
             make_sampler(cfg, model, tcfg, n)
+    if method == "mlcm":  # also deterministically on its 8 segment boundaries: divisors of 8
+        make_sampler(cfg, model, tcfg, 4, sampler="mcm")
+        with pytest.raises(ValueError, match="num_steps"):
+            make_sampler(cfg, model, tcfg, 3, sampler="mcm")
+    with pytest.raises(ValueError, match="sampler"):
+        make_sampler(cfg, model, tcfg, 1, sampler="mcm" if method == "lcm" else "lcm")
 
 
 @pytest.mark.parametrize("override, match", [

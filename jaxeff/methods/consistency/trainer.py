@@ -297,20 +297,40 @@ def make_step(cfg: ConsistencyConfig, model, tcfg, tx, dtx, mesh=None):
     return step_on_mesh
 
 
-def student_sample_fn(cfg: ConsistencyConfig, model, tcfg, num_steps: int):
-    """``fn(params, text, z_T, rng, self_attention=None) -> samples`` (traceable, not jitted): the method's
-    few-step sampler for the student, without guidance. ``self_attention`` is the model's self-attention hook (a
-    sparse attention, or a traced mask during a mask search). Raises ``ValueError`` for a step count outside what
-    the student was trained for: an MCD student with ``S`` segments samples on its own boundaries, so with a
-    divisor of ``S`` steps; MLCM with 1..8 (the TLCM milestones); LCM and SCott with 1 .. ``1000 // skip``."""
+SAMPLERS = ("mcm", "lcm", "tlcm")
+
+
+def default_sampler(cfg: ConsistencyConfig) -> str:
+    """The method's own sampler: ``mcm`` (deterministic multistep consistency) for MCD, ``lcm`` (re-noising with
+    boundary scalings) for LCM and SCott, ``tlcm`` (re-noising on the TLCM milestones, the official inference)
+    for MLCM."""
+    if cfg.method == "mlcm":
+        return "tlcm"
+    return "lcm" if cfg.resolved()["boundary_scalings"] else "mcm"
+
+
+def student_sample_fn(cfg: ConsistencyConfig, model, tcfg, num_steps: int, sampler: Optional[str] = None):
+    """``fn(params, text, z_T, rng, self_attention=None) -> samples`` (traceable, not jitted): a few-step sampler
+    for the student, without guidance; ``sampler`` (default: ``default_sampler(cfg)``) may also be ``mcm`` for an
+    MLCM student (deterministic steps on its segment boundaries, which are the TLCM milestones).
+    ``self_attention`` is the model's self-attention hook (a sparse attention, or a traced mask during a mask
+    search). Raises ``ValueError`` for a step count outside what the student was trained for: ``mcm`` on a student
+    with ``S`` segments samples on its own boundaries, so with a divisor of ``S`` steps; ``tlcm`` with 1..8; ``lcm``
+    with 1 .. ``1000 // skip``."""
     r = cfg.resolved()
     sched = tcfg.diffusion.noise_schedule()
     prediction = tcfg.diffusion.prediction
+    sampler = default_sampler(cfg) if sampler is None else sampler
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler: expected one of {SAMPLERS}, got {sampler!r}")
+    if sampler != default_sampler(cfg) and not (sampler == "mcm" and cfg.method == "mlcm"):
+        raise ValueError(f"sampler: a {cfg.method} student samples with {default_sampler(cfg)!r}"
+                         f"{' or mcm' if cfg.method == 'mlcm' else ''}, got {sampler!r}")
     if not isinstance(num_steps, (int, np.integer)) or num_steps < 1:
         raise ValueError(f"num_steps: expected a positive int, got {num_steps!r}")
-    if cfg.method == "mlcm":
+    if sampler == "tlcm":
         tlcm_subset(num_steps)  # raises outside 1..8
-    elif r["boundary_scalings"]:
+    elif sampler == "lcm":
         ts = lcm_timesteps(num_steps, sched.num_train_timesteps // cfg.skip, sched.num_train_timesteps)
     elif r["segments"] % num_steps:
         raise ValueError(f"num_steps: a {cfg.method} student distilled with {r['segments']} segments samples on its "
@@ -318,9 +338,9 @@ def student_sample_fn(cfg: ConsistencyConfig, model, tcfg, num_steps: int):
 
     def sample(params, text, z_T, rng, self_attention=None):
         f = lambda z, t: model.apply(params, z, t.astype(jnp.float32), text, self_attention=self_attention).sample
-        if cfg.method == "mlcm":
+        if sampler == "tlcm":
             return tlcm_sample(f, z_T, sched, num_steps, rng=rng, prediction=prediction, clip_sample=1.0)
-        if r["boundary_scalings"]:
+        if sampler == "lcm":
             return lcm_sample(f, z_T, sched, num_steps, rng=rng, prediction=prediction, timesteps=ts,
                               clip_sample=1.0)
         return mcm_sample(f, z_T, sched, mcm_boundaries(num_steps, sched.num_train_timesteps),
@@ -329,10 +349,11 @@ def student_sample_fn(cfg: ConsistencyConfig, model, tcfg, num_steps: int):
     return sample
 
 
-def make_sampler(cfg: ConsistencyConfig, model, tcfg, num_steps: int, self_attention=None):
+def make_sampler(cfg: ConsistencyConfig, model, tcfg, num_steps: int, self_attention=None,
+                 sampler: Optional[str] = None):
     """``fn(params, text, z_T, rng) -> samples``, jitted: ``student_sample_fn`` with a fixed (hashable)
     self-attention hook (``None``: the model's dense attention)."""
-    fn = student_sample_fn(cfg, model, tcfg, num_steps)
+    fn = student_sample_fn(cfg, model, tcfg, num_steps, sampler)
     return jax.jit(lambda params, text, z_T, rng: fn(params, text, z_T, rng, self_attention))
 
 
