@@ -44,8 +44,6 @@ import time
 from typing import Optional
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 import yaml
 from tqdm.auto import tqdm
 
@@ -65,6 +63,7 @@ from jaxeff.methods.tile_sparse.pipeline import (
     SparseEvalConfig,
     TileSparseConfig,
     distill_stage,
+    in_batches,
     load_moving_shapes_teacher,
     make_generator,
     prepare_output_dir,
@@ -157,12 +156,7 @@ def make_student_generator(sample_fn, hook, batch_size: int, seed: int):
     def one(p, tx, z):
         return sample_fn(p, tx, z, key, hook)
 
-    def fn(params, text: np.ndarray, z_T: np.ndarray) -> np.ndarray:
-        outs = [np.asarray(one(params, jnp.asarray(text[i:i + batch_size]), jnp.asarray(z_T[i:i + batch_size])))
-                for i in range(0, len(text), batch_size)]
-        return np.concatenate(outs)
-
-    return fn
+    return in_batches(one, batch_size)
 
 
 def run_efficient_vdit(cfg: EfficientVDiTConfig, *, resume: bool = False, overwrite: bool = False) -> dict:

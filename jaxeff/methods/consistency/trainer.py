@@ -222,29 +222,30 @@ def make_step(cfg: ConsistencyConfig, model, tcfg, tx, dtx, mesh=None):
             z_t = sched.add_noise(clips, jax.random.normal(k_n, clips.shape, jnp.float32), t)
 
         params_target = state["params"]["ema"] if r["ema_decay"] > 0 else None
+        student_out = lambda p: model.apply(p, z_t, t.astype(jnp.float32), text).sample
+        if adv:
+            t_d = jax.random.randint(k_d, (B,), 0, cfg.disc_max_t)
+            d_noise = jax.random.normal(k_dn, clips.shape)
 
-        def cd_loss(p_student, student_out=None):
-            """The consistency loss; ``student_out`` replaces the student's forward pass (its output at z_t)."""
-            student = (lambda z, tt: student_out) if student_out is not None else \
-                (lambda z, tt: model.apply(p_student, z, tt.astype(jnp.float32), text).sample)
+        def cd_loss(p_student, out):
+            """The consistency loss, given the student's output ``out`` at ``z_t``."""
             tp = params_target if params_target is not None else jax.lax.stop_gradient(p_student)
             target = lambda z, tt: model.apply(tp, z, tt.astype(jnp.float32), text).sample
             return consistency_distillation_loss(
-                student, target, teacher, sched, z_t, t, boundaries=boundaries, skip=cfg.skip,
+                lambda z, tt: out, target, teacher, sched, z_t, t, boundaries=boundaries, skip=cfg.skip,
                 prediction=prediction, boundary_scalings=r["boundary_scalings"], eta=r["eta"],
                 sub_steps=r["sub_steps"], rng=k_solve if r["eta"] > 0 else None, space=cfg.space,
                 distance=cfg.distance)
 
         params = state["params"]
         if not adv:
-            (total, aux), g_student = jax.value_and_grad(cd_loss, has_aux=True)(params["student"])
+            (total, aux), g_student = jax.value_and_grad(lambda p: cd_loss(p, student_out(p)),
+                                                         has_aux=True)(params["student"])
             metrics = {"cd_loss": total}
         else:
             # The two terms' gradients meet at the student's output: one forward, one backward through the student.
-            t_d = jax.random.randint(k_d, (B,), 0, cfg.disc_max_t)
-            d_noise = jax.random.normal(k_dn, clips.shape)
             p_s = params["student"]
-            out, pull = jax.vjp(lambda p: model.apply(p, z_t, t.astype(jnp.float32), text).sample, p_s)
+            out, pull = jax.vjp(student_out, p_s)
             (cd, aux), g_cd = jax.value_and_grad(lambda o: cd_loss(p_s, o), has_aux=True)(out)
 
             def gen_loss(o):
@@ -262,21 +263,17 @@ def make_step(cfg: ConsistencyConfig, model, tcfg, tx, dtx, mesh=None):
             total = cd + lam * g_loss
             metrics = {"cd_loss": cd, "g_loss": g_loss, "adv_lambda": lam}
         f_student = aux["f_student"]
-        grads = {"student": g_student}
-        upd, opt_s = tx.update(grads["student"], state["opt_state"]["student"], params["student"])
+        upd, opt_s = tx.update(g_student, state["opt_state"]["student"], params["student"])
         new_params = {**params, "student": optax.apply_updates(params["student"], upd)}
         new_opt = {**state["opt_state"], "student": opt_s}
         if r["ema_decay"] > 0:
             d = r["ema_decay"]
             new_params["ema"] = jax.tree.map(lambda e, s: d * e + (1 - d) * s, params["ema"], new_params["student"])
         if adv:
-            t_d = jax.random.randint(k_d, (B,), 0, cfg.disc_max_t)
-            noise = jax.random.normal(k_dn, clips.shape)
-
             def d_loss_fn(head):
-                real = disc_logits(model, teacher_params, head, clips, text, t_d, noise, sched)
-                fake = disc_logits(model, teacher_params, head, jax.lax.stop_gradient(f_student), text, t_d, noise,
-                                   sched)
+                real = disc_logits(model, teacher_params, head, clips, text, t_d, d_noise, sched)
+                fake = disc_logits(model, teacher_params, head, jax.lax.stop_gradient(f_student), text, t_d,
+                                   d_noise, sched)
                 return hinge_discriminator_loss(real, fake)
 
             d_loss, d_grads = jax.value_and_grad(d_loss_fn)(params["disc"])

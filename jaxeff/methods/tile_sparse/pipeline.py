@@ -187,6 +187,17 @@ def make_output_error(model, sparse, tcfg, batch_size: int):
     return fn
 
 
+def in_batches(one, batch_size: int):
+    """``fn(params, text, z_T) -> clips``: the jitted ``one(params, text_batch, z_batch)`` over host arrays in
+    batches of ``batch_size``, concatenated on the host."""
+    def fn(params, text: np.ndarray, z_T: np.ndarray) -> np.ndarray:
+        outs = [np.asarray(one(params, jnp.asarray(text[i:i + batch_size]), jnp.asarray(z_T[i:i + batch_size])))
+                for i in range(0, len(text), batch_size)]
+        return np.concatenate(outs)
+
+    return fn
+
+
 def make_generator(model, tcfg, steps: int, sparse, batch_size: int):
     """``fn(params, text, z_T) -> clips``: DDIM sampling with guidance (the teacher's sampler) in batches, with the
     given self-attention hook. One compilation serves every call."""
@@ -194,12 +205,7 @@ def make_generator(model, tcfg, steps: int, sparse, batch_size: int):
     def one(p, tx, z):
         return sample_clips(model, p, tx, tcfg.diffusion, None, steps=steps, self_attention=sparse, z_T=z)
 
-    def fn(params, text: np.ndarray, z_T: np.ndarray) -> np.ndarray:
-        outs = [np.asarray(one(params, jnp.asarray(text[i:i + batch_size]), jnp.asarray(z_T[i:i + batch_size])))
-                for i in range(0, len(text), batch_size)]
-        return np.concatenate(outs)
-
-    return fn
+    return in_batches(one, batch_size)
 
 
 def prepare_output_dir(out_dir: pathlib.Path, finished: str, *, resume: bool, overwrite: bool,
