@@ -96,3 +96,41 @@ def test_disabled_logger_writes_nothing(tmp_path):
     log.flush()
     log.close()
     assert not (tmp_path / "run").exists()
+
+
+class _Bar:
+    """Records what a training loop tells its tqdm bar."""
+
+    def __init__(self):
+        self.n, self.postfix = 0, None
+
+    def set_postfix(self, refresh=True, **kw):
+        self.postfix = kw
+
+    def update(self, n):
+        self.n += n
+
+
+def test_step_metrics_logs_each_step_once_with_lr_and_rate(tmp_path):
+    import jax.numpy as jnp
+
+    from jaxeff.training.metrics import StepMetrics
+
+    logger, bar = MetricsLogger(tmp_path), _Bar()
+    steps = StepMetrics(logger, bar, schedule=lambda s: 0.1 * (s + 1), units_per_step=4, rate_name="items_per_s",
+                        postfix=lambda v, r: {"loss": f"{v['loss']:.1f}"}, max_in_flight=2)
+    assert steps.flush() is None and not steps
+    for s in range(1, 6):
+        steps.add(s, {"loss": jnp.float32(s), "acc": jnp.float32(s / 10)})
+        if s in (3, 5):
+            last = steps.flush()
+            assert last == pytest.approx({"loss": float(s), "acc": s / 10})
+    assert not steps and bar.n == 5 and bar.postfix == {"loss": "5.0"}
+    assert steps.losses == {1: 1.0, 2: 2.0, 3: 3.0, 4: 4.0, 5: 5.0}
+    assert steps.units_done == 20 and steps.train_time > 0 and steps.rate() > 0
+    logger.close()
+    rows = read_metrics(tmp_path, "train")
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]
+    assert [r["lr"] for r in rows] == pytest.approx([0.1, 0.2, 0.3, 0.4, 0.5])  # schedule(step - 1)
+    # the throughput goes on the last record of each flush only
+    assert [("items_per_s" in r) for r in rows] == [False, False, True, False, True]

@@ -68,7 +68,7 @@ from jaxeff.training.config import (
     TrainConfig,
 )
 from jaxeff.training.loss import method_losses
-from jaxeff.training.metrics import TB_DIR, MetricsLogger, read_metrics
+from jaxeff.training.metrics import TB_DIR, MetricsLogger, StepMetrics, read_metrics
 from jaxeff.training.optim import lr_schedule, make_optimizer
 from jaxeff.training.steps import abstract_state, init_state, replicated, state_shardings, trainable_mask
 from jaxeff.training.trainer import build_model_and_tokenizer, initialize_distributed
@@ -442,28 +442,20 @@ def _run_arm(cfg: SFTConfig, arm: str, mesh, resume: bool, is_main: bool) -> dic
 
     bar = tqdm(total=loop.steps, initial=start_step, disable=not (is_main and loop.progress), desc=f"sft:{arm}",
                dynamic_ncols=True, file=sys.stderr, mininterval=1.0)
-    pending: list = []
-    t_train, t_mark = 0.0, time.time()
+    steps = StepMetrics(logger, bar, schedule=schedule, units_per_step=loop.batch_size,
+                        postfix=lambda v, r: dict(loss=f"{v['loss']:.3f}", acc=f"{v['accuracy']:.2f}"))
     last_eval: Optional[dict] = None
     for step in range(start_step + 1, loop.steps + 1):
         batch = data.train_batch(position, loop.batch_size)
         position += loop.batch_size
         state, metrics = train_step(state, _put(batch, mesh))
-        pending.append((step, metrics))
+        steps.add(step, metrics)
         last = step == loop.steps
         do_eval = (loop.eval_every and step % loop.eval_every == 0) or last
         do_save = manager is not None and cfg.checkpoint.enabled and (
             (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or last)
         if step % loop.log_every == 0 or do_eval or do_save:
-            fetched = jax.device_get([m for _, m in pending])
-            t_train += time.time() - t_mark
-            for (s, _), m in zip(pending, fetched):
-                logger.log("train", s, {**{k: float(v) for k, v in m.items()}, "lr": float(schedule(s - 1))})
-            bar.set_postfix(loss=f"{float(fetched[-1]['loss']):.3f}", acc=f"{float(fetched[-1]['accuracy']):.2f}",
-                            refresh=False)
-            bar.update(len(pending))
-            pending.clear()
-            logger.flush()
+            steps.flush()
             if do_eval:
                 last_eval = evaluate(state["params"])
                 logger.log("eval", step, {k: v for k, v in last_eval.items() if not isinstance(v, list)})
@@ -471,20 +463,19 @@ def _run_arm(cfg: SFTConfig, arm: str, mesh, resume: bool, is_main: bool) -> dic
                 _say(f"[sft:{arm}] step {step}: {_describe(last_eval, gated)}", is_main)
             if do_save:
                 ckpt.save(manager, state, {"step": step, "data": data.data_state(position), "rng": rng_data})
-            t_mark = time.time()
+            steps.restart_clock()
     bar.close()
     if manager is not None:
         manager.wait_until_finished()
         manager.close()
     if last_eval is None:  # resumed at the final step: evaluate what was restored
         last_eval = evaluate(state["params"])
-    steps_run = loop.steps - start_step
     logger.flush()
     skipped = int(sum(r.get("skipped", 0.0) for r in read_metrics(run_dir, "train"))) if is_main else 0
     if skipped:
         _say(f"[sft:{arm}] warning: {skipped} step(s) had a non-finite gradient and were skipped", is_main)
     result = {**last_eval, "trained": True, "steps": loop.steps, "skipped_steps": skipped,
-              "train_examples_per_s": steps_run * loop.batch_size / t_train if t_train > 0 else None}
+              "train_examples_per_s": steps.rate() if steps.train_time > 0 else None}
     if gated and is_main:
         save_gates(run_dir / "gates", cfg.attention_gate, jax.device_get(state["params"]))
     logger.log("final", loop.steps, {k: v for k, v in result.items() if isinstance(v, (int, float))}, tb=False)

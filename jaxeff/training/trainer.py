@@ -37,7 +37,7 @@ from jaxeff.data.text import WindowSampler, eval_windows, kjv_bpe_tokenizer, kjv
 from jaxeff.models.lm import DecoderLM
 from jaxeff.training import checkpointing as ckpt
 from jaxeff.training.config import TrainConfig, check_model_against_data, merge_runtime_fields
-from jaxeff.training.metrics import TB_DIR, MetricsLogger
+from jaxeff.training.metrics import TB_DIR, MetricsLogger, StepMetrics
 from jaxeff.training.optim import lr_schedule, make_optimizer
 from jaxeff.training.steps import (
     abstract_state,
@@ -51,11 +51,6 @@ from jaxeff.training.steps import (
 # Testing aid: after this step the process stops making progress (sleeps) so a test can SIGKILL it at a known
 # point (after the step's checkpoint save was issued and its metrics were written).
 PAUSE_ENV = "JAXEFF_TEST_PAUSE_AT_STEP"
-
-# Steps dispatched ahead of the devices at most. Metrics are fetched only every ``log_every`` steps; without a
-# bound, dozens of queued steps with collectives over many simulated CPU devices can stall XLA's CPU all-reduce
-# rendezvous (observed with jax 0.10.2 and 8 host devices). Waiting for a step 8 behind costs nothing measurable.
-_MAX_IN_FLIGHT = 8
 
 
 @dataclasses.dataclass
@@ -320,76 +315,48 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) ->
 
     bar = tqdm(total=loop.steps, initial=start_step, disable=not (is_main and loop.progress), desc="train",
                dynamic_ncols=True, file=sys.stderr, mininterval=1.0)
-    tokens_per_step = loop.batch_size * seq_len
-    losses: dict[int, float] = {}
-    pending: list = []
+    steps = StepMetrics(logger, bar, schedule=schedule, units_per_step=loop.batch_size * seq_len,
+                        rate_name="tokens_per_s", postfix=lambda v, r: dict(loss=f"{v['loss']:.3f}", tok_s=f"{r:,.0f}"))
     eval_loss = eval_ppl = None
     eval_metrics: dict = {}
-    train_time = 0.0  # seconds spent in training steps (excludes eval and checkpoint time)
-    tokens_done = 0
-    t_mark = time.time()
-
-    def flush(step: int) -> None:
-        nonlocal t_mark, train_time, tokens_done
-        fetched = jax.device_get([m for _, m in pending])
-        now = time.time()
-        dt = now - t_mark
-        train_time += dt
-        n = len(pending)
-        tok_s = n * tokens_per_step / dt if dt > 0 else float("nan")
-        tokens_done += n * tokens_per_step
-        for (s, _), m in zip(pending, fetched):
-            losses[s] = float(m["loss"])
-            logger.log("train", s, {**{k: float(v) for k, v in m.items()}, "lr": float(schedule(s - 1)),
-                                    **({"tokens_per_s": tok_s} if s == step else {})})
-        pending.clear()
-        bar.set_postfix(loss=f"{losses[step]:.3f}", tok_s=f"{tok_s:,.0f}", refresh=False)
-        bar.update(n)
-        logger.flush()
-        t_mark = time.time()
 
     if loop.eval_at_start and restored_step is None:
         eval_loss, eval_ppl, eval_metrics = evaluate(eval_step, state["params"], eval_set, eval_bs, mesh)
         logger.log("eval", 0, {"loss": eval_loss, "ppl": eval_ppl, **eval_metrics})
         say(f"[train] step 0: held-out loss {eval_loss:.4f}, ppl {eval_ppl:.2f}{_describe_eval(eval_metrics)}")
-        t_mark = time.time()
+        steps.restart_clock()
 
     for step in range(start_step + 1, loop.steps + 1):
         batch = sampler.batch(position, loop.batch_size)
         position += loop.batch_size
         state, metrics = train_step(state, shd.shard_host_batch(batch, mesh))
-        pending.append((step, metrics))
-        if len(pending) > _MAX_IN_FLIGHT:  # bound the steps queued ahead of the devices (see _MAX_IN_FLIGHT)
-            jax.block_until_ready(pending[-_MAX_IN_FLIGHT][1])
+        steps.add(step, metrics)
         last = step == loop.steps
         if step % loop.log_every == 0 or last:
-            flush(step)
+            steps.flush()
         if (loop.eval_every and step % loop.eval_every == 0) or last:
-            if pending:
-                flush(step)
+            steps.flush()
             eval_loss, eval_ppl, eval_metrics = evaluate(eval_step, state["params"], eval_set, eval_bs, mesh)
             logger.log("eval", step, {"loss": eval_loss, "ppl": eval_ppl, **eval_metrics})
             logger.flush()
             say(f"[train] step {step}: held-out loss {eval_loss:.4f}, ppl {eval_ppl:.2f} "
                 f"(unigram {unigram_ppl:.2f}){_describe_eval(eval_metrics)}")
-            t_mark = time.time()
+            steps.restart_clock()
         if manager is not None and cfg.checkpoint.enabled and (
             (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or last
         ):
-            if pending:
-                flush(step)
+            steps.flush()
             ckpt.save(manager, state, {"step": step, "data": sampler.state(position), "rng": rng_data})
-            t_mark = time.time()
+            steps.restart_clock()
         if PAUSE_ENV in os.environ:
-            if pending:
-                flush(step)
+            steps.flush()
             _pause_for_test(step, run_dir)
 
     bar.close()
     if manager is not None:
         manager.wait_until_finished()
         manager.close()
-    tokens_per_s = tokens_done / train_time if train_time > 0 else float("nan")
+    tokens_per_s = steps.rate()
     wall = time.time() - t_start
     logger.log("final", loop.steps, {"eval_loss": eval_loss, "eval_ppl": eval_ppl, "unigram_ppl": unigram_ppl,
                                      "tokens_per_s": tokens_per_s, "wall_time_s": wall,
@@ -399,7 +366,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) ->
         say(f"[train] done in {wall:.1f} s: held-out ppl {eval_ppl:.2f} vs unigram {unigram_ppl:.2f}, "
             f"{tokens_per_s:,.0f} tokens/s")
     return TrainResult(
-        run_dir=str(run_dir), start_step=start_step, final_step=loop.steps, losses=losses, eval_ppl=eval_ppl,
+        run_dir=str(run_dir), start_step=start_step, final_step=loop.steps, losses=steps.losses, eval_ppl=eval_ppl,
         eval_loss=eval_loss, unigram_ppl=unigram_ppl, tokens_per_s=tokens_per_s, wall_time_s=wall,
         eval_metrics=eval_metrics,
     )

@@ -43,12 +43,10 @@ from jaxeff.models.vdit import VDiTConfig, VideoDiT
 from jaxeff.sharding import MeshConfig
 from jaxeff.training import checkpointing as ckpt
 from jaxeff.training.config import CheckpointConfig, LoopConfig, OptimConfig
-from jaxeff.training.metrics import TB_DIR, MetricsLogger
+from jaxeff.training.metrics import TB_DIR, MetricsLogger, StepMetrics
 from jaxeff.training.optim import lr_schedule, make_optimizer
 from jaxeff.training.trainer import PAUSE_ENV, _pause_for_test  # the LM trainer's test hook
 from jaxeff.training.steps import abstract_state, init_state, replicated, state_shardings
-
-_MAX_IN_FLIGHT = 8
 
 
 # ---- configuration ---------------------------------------------------------------------------------------------
@@ -454,55 +452,31 @@ def train_vdit(cfg: VDiTTrainConfig, *, resume: bool = False, overwrite: bool = 
 
     bar = tqdm(total=loop.steps, initial=start, disable=not loop.progress, desc="vdit", dynamic_ncols=True,
                file=sys.stderr, mininterval=1.0)
-    losses: dict[int, float] = {}
-    pending: list = []
+    steps = StepMetrics(logger, bar, schedule=schedule, units_per_step=B, rate_name="clips_per_s",
+                        postfix=lambda v, r: dict(loss=f"{v['loss']:.4f}", clips_s=f"{r:.1f}"))
     eval_loss = eval_x0 = None
-    train_time, clips_done, t_mark = 0.0, 0, time.time()
-
-    def flush(step: int) -> None:
-        nonlocal t_mark, train_time, clips_done
-        fetched = jax.device_get([m for _, m in pending])
-        dt = time.time() - t_mark
-        train_time += dt
-        n = len(pending)
-        rate = n * B / dt if dt > 0 else float("nan")
-        clips_done += n * B
-        for (s, _), m in zip(pending, fetched):
-            losses[s] = float(m["loss"])
-            logger.log("train", s, {**{k: float(v) for k, v in m.items()}, "lr": float(schedule(s - 1)),
-                                    **({"clips_per_s": rate} if s == step else {})})
-        pending.clear()
-        bar.set_postfix(loss=f"{losses[step]:.4f}", clips_s=f"{rate:.1f}", refresh=False)
-        bar.update(n)
-        logger.flush()
-        t_mark = time.time()
 
     for step in range(start + 1, loop.steps + 1):
         clips, text = source.train_batch(step - 1, B)
         state, metrics = train_step(state, shd.shard_host_batch(clips, mesh), shd.shard_host_batch(text, mesh))
-        pending.append((step, metrics))
-        if len(pending) > _MAX_IN_FLIGHT:
-            jax.block_until_ready(pending[-_MAX_IN_FLIGHT][1])
+        steps.add(step, metrics)
         last = step == loop.steps
         if step % loop.log_every == 0 or last:
-            flush(step)
+            steps.flush()
         if (loop.eval_every and step % loop.eval_every == 0) or last:
-            if pending:
-                flush(step)
+            steps.flush()
             eval_loss, eval_x0 = evaluate(eval_step, state["params"], eval_data, loop.eval_bs, mesh)
             logger.log("eval", step, {"loss": eval_loss, "x0_mse": eval_x0})
             logger.flush()
             tqdm.write(f"[vdit] step {step}: held-out loss {eval_loss:.4f}, x0 mse {eval_x0:.4f}", file=sys.stderr)
-            t_mark = time.time()
+            steps.restart_clock()
         if manager is not None and cfg.checkpoint.enabled and (
                 (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or last):
-            if pending:
-                flush(step)
+            steps.flush()
             ckpt.save(manager, state, {"step": step, "rng": rng_data})
-            t_mark = time.time()
+            steps.restart_clock()
         if PAUSE_ENV in os.environ:
-            if pending:
-                flush(step)
+            steps.flush()
             _pause_for_test(step, run_dir)
 
     bar.close()
@@ -510,11 +484,11 @@ def train_vdit(cfg: VDiTTrainConfig, *, resume: bool = False, overwrite: bool = 
         manager.wait_until_finished()
         manager.close()
     wall = time.time() - t_start
-    rate = clips_done / train_time if train_time > 0 else float("nan")
+    rate = steps.rate()
     logger.log("final", loop.steps, {"eval_loss": eval_loss, "eval_x0_mse": eval_x0, "clips_per_s": rate,
                                      "wall_time_s": wall}, tb=False)
     logger.close()
-    return VDiTTrainResult(str(run_dir), start, loop.steps, losses, eval_loss, eval_x0, rate, wall)
+    return VDiTTrainResult(str(run_dir), start, loop.steps, steps.losses, eval_loss, eval_x0, rate, wall)
 
 
 # ---- loading a finished run ------------------------------------------------------------------------------------

@@ -68,7 +68,7 @@ from jaxeff.methods.consistency.losses import (
 from jaxeff.sharding import MeshConfig
 from jaxeff.training import checkpointing as ckpt
 from jaxeff.training.config import CheckpointConfig, LoopConfig, OptimConfig
-from jaxeff.training.metrics import TB_DIR, MetricsLogger
+from jaxeff.training.metrics import TB_DIR, MetricsLogger, StepMetrics
 from jaxeff.training.optim import lr_schedule, make_optimizer
 from jaxeff.training.steps import opt_state_shardings, replicated
 from jaxeff.training.vdit import ClipSource, load_vdit_run, make_denoiser
@@ -417,35 +417,26 @@ def train_consistency(cfg: ConsistencyConfig, *, resume: bool = False, overwrite
                       out_shardings=(sh, rep))
     bar = tqdm(total=loop.steps, initial=start, desc=cfg.method, disable=not loop.progress, file=sys.stderr,
                dynamic_ncols=True, mininterval=1.0)
-    losses: dict = {}
-    pending: list = []
+    steps = StepMetrics(logger, bar, schedule=schedule, postfix=lambda v, r: dict(loss=f"{v['loss']:.5f}"))
     for s in range(start + 1, loop.steps + 1):
         clips, text = source.train_batch(s - 1, B)
         state, m = step_fn(state, teacher, shd.shard_host_batch(clips, mesh), shd.shard_host_batch(text, mesh))
-        pending.append((s, m))
+        steps.add(s, m)
         last = s == loop.steps
         if s % loop.log_every == 0 or last:
-            for ps, pm in zip([a for a, _ in pending], jax.device_get([b for _, b in pending])):
-                vals = {k: float(v) for k, v in pm.items()}
-                losses[ps] = vals["loss"]
-                logger.log("train", ps, {**vals, "lr": float(schedule(ps - 1))})
-            logger.flush()
-            bar.set_postfix(loss=f"{losses[s]:.5f}", refresh=False)
-            bar.update(len(pending))
-            pending.clear()
+            steps.flush()
         if (cfg.checkpoint.every and s % cfg.checkpoint.every == 0) or last:
-            if pending:
-                jax.block_until_ready(pending[-1][1])
+            steps.flush()
             ckpt.save(manager, state, {"step": s})
     bar.close()
     manager.wait_until_finished()
     manager.close()
     wall = time.time() - t0
     final = {"method": cfg.method, "resolved": r, "teacher": cfg.teacher, "teacher_step": int(tstep),
-             "steps": loop.steps, "final_loss": losses.get(loop.steps), "wall_time_s": wall}
+             "steps": loop.steps, "final_loss": steps.losses.get(loop.steps), "wall_time_s": wall}
     (out_dir / "final.json").write_text(json.dumps(final, indent=1))
     logger.close()
-    return ConsistencyResult(str(out_dir), start, loop.steps, losses, wall)
+    return ConsistencyResult(str(out_dir), start, loop.steps, steps.losses, wall)
 
 
 def load_student(run_dir, step: Optional[int] = None, mesh=None):
