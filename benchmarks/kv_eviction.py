@@ -30,7 +30,8 @@ Protocol (the same for every policy; a policy acts only through the cache it lea
   (different keys and haystacks, fixed seeds); the row carries the accuracy per depth.
 * ``kv_bytes``: ``cache.nbytes()`` (the K/V buffers) per sequence of the cache ``prefill`` returns for the ``C``-token
   prompts with room for one new token: the dense model's cache has exactly ``C + 1`` slots per row
-  (``cache_capacity=C + 1``), an evicted one ``round_up(ceil(r * C), 16) + 1`` (``prefill``'s resize). The row also
+  (``cache_capacity=C + 1``), an evicted one ``evicted_capacity(ceil(r * C)) + 1`` (``prefill``'s resize,
+  ``jaxeff.generate.evicted_capacity``: the kept count, rounded up by at most 1/16). The row also
   reports ``kv_meta_bytes`` (positions, lengths, next positions and any per-slot scores or budgets, per sequence),
   ``capacity`` (slots per row), ``kept_entries`` and ``kv_bytes_kept`` (bytes of the entries actually kept).
 * ``prefill_ms``: median wall time of that ``prefill`` call (a batch of ``batch`` prompts of ``C`` tokens, compiled
@@ -44,11 +45,11 @@ Protocol (the same for every policy; a policy acts only through the cache it lea
   layer's decode (batch 1, the model's head shapes) over a buffer of ``S`` slots (``--attn-context``, 8192) whose rows
   hold ``ceil(r * S)`` entries, with ``kv_bound = bucketed_kv_bound(ceil(r * S), S)``; ``r = 1.0`` is the dense row.
   ``decode_attn_resized_ms``: the same over the buffer ``prefill`` leaves after an eviction (resized to
-  ``round_up(ceil(r * S), 16) + 1`` slots, no bound). Medians of repeats taken in turns, jit-compiled first; every
+  ``evicted_capacity(ceil(r * S)) + 1`` slots, no bound). Medians of repeats taken in turns, jit-compiled first; every
   timing row also has ``cpu_ms``, the median process CPU time.
 * ``decode_step_ms``: one jitted whole-model decode step (``model.forward`` on one token with a cache, the cache
   donated as ``jaxeff.generate`` does) at a context of ``S`` tokens (``--step-context``) on the cache an eviction at
-  ratio ``r`` leaves after ``prefill``'s resize (``round_up(ceil(r * S), 16)`` entries plus room for the timed
+  ratio ``r`` leaves after ``prefill``'s resize (``evicted_capacity(ceil(r * S))`` entries plus room for the timed
   steps), median over steps taken in turns. The cache's contents are random: the cost of a step depends only on its
   shapes, which are the same for every policy at one ratio (``"policy": "any"``).
 
@@ -464,7 +465,7 @@ def _batches(arr: np.ndarray, size: int):
 
 def _prefill(pmodel, pparams, toks, context: int):
     """``jaxeff.generate.prefill`` of ``C``-token prompts with room for one new token (dense: exactly ``C + 1``
-    slots per row; a policy's cache is then moved into ``round_up(kept, 16) + 1`` slots)."""
+    slots per row; a policy's cache is then moved into ``evicted_capacity(kept) + 1`` slots)."""
     import jax
 
     from jaxeff.generate import prefill
@@ -553,11 +554,12 @@ def time_decode_attention(config, ratios, context: int, repeats: int, resized: b
     """``{ratio: (median ms, median CPU ms, kv_bound or capacity)}`` of one layer's ragged decode attention (XLA path),
     batch 1,
     over rows holding ``ceil(r * S)`` entries: in a buffer of ``S`` slots with ``kv_bound =
-    bucketed_kv_bound(kept, S)`` (``resized=False``), or in a buffer resized to ``round_up(kept, 16) + 1`` slots as
+    bucketed_kv_bound(kept, S)`` (``resized=False``), or in a buffer resized to ``evicted_capacity(kept) + 1`` slots as
     ``prefill`` leaves it (``resized=True``, no bound)."""
     import jax
     import jax.numpy as jnp
 
+    from jaxeff.generate import evicted_capacity
     from pallas_kernels.kv_eviction import bucketed_kv_bound, ragged_decode_attention
 
     hq, hkv, d = config.num_heads, config.num_kv_heads, config.head_size
@@ -567,7 +569,7 @@ def time_decode_attention(config, ratios, context: int, repeats: int, resized: b
     fns, sizes = {}, {}
     for ratio in ratios:
         kept = _kept(ratio, context)
-        slots = -(-kept // 16) * 16 + 1 if resized else context
+        slots = evicted_capacity(kept) + 1 if resized else context
         k = jnp.asarray(rng.standard_normal((1, hkv, slots, d), np.float32))
         v = jnp.asarray(rng.standard_normal((1, hkv, slots, d), np.float32))
         pos = np.full((1, hkv, slots), -1, np.int32)
@@ -584,12 +586,13 @@ def time_decode_attention(config, ratios, context: int, repeats: int, resized: b
 def time_decode_steps(bm: BenchModel, ratios, context: int, repeats: int, seed: int = 0) -> dict:
     """``{ratio: (median ms, median CPU ms, capacity)}`` of one jitted whole-model decode step (batch 1) on the cache an
     eviction
-    at ``ratio`` of a ``context``-token prompt leaves: ``round_up(ceil(r * S), 16)`` entries (``S`` for the dense
+    at ``ratio`` of a ``context``-token prompt leaves: ``evicted_capacity(ceil(r * S))`` entries (``S`` for the dense
     model) plus room for the timed steps; random contents."""
     import jax
     import jax.numpy as jnp
 
     from jaxeff.cache import KVCache
+    from jaxeff.generate import evicted_capacity
 
     _, _, decode_step, _ = jits()
     cfg = bm.model.config
@@ -598,7 +601,7 @@ def time_decode_steps(bm: BenchModel, ratios, context: int, repeats: int, seed: 
     state, caps = {}, {}
     for i, ratio in enumerate(ratios):
         kept = context if ratio >= 1.0 else _kept(ratio, context)
-        slots = context if ratio >= 1.0 else -(-kept // 16) * 16
+        slots = context if ratio >= 1.0 else evicted_capacity(kept)
         capacity = slots + repeats + 2
         shape = (cfg.num_layers, 1, cfg.num_kv_heads, capacity, cfg.head_size)
         key = jax.random.fold_in(jax.random.key(seed), i)

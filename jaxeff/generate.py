@@ -210,7 +210,7 @@ def prefill(
     the cache having room for ``max_new_tokens`` more tokens per sequence.
 
     When the model evicts KV entries at prefill (:func:`shrinks_kv_cache`), the cache is then moved into one of
-    ``round_up(longest kept row, 16) + max_new_tokens`` slots (never more than it had), so its memory
+    ``evicted_capacity(longest kept row) + max_new_tokens`` slots (never more than it had), so its memory
     (``cache.nbytes()``) follows the policy's keep ratio; this reads the kept lengths on the host.
     """
     if max_new_tokens < 1:
@@ -220,13 +220,22 @@ def prefill(
     logits, cache = _prefill(model, params, jnp.asarray(tokens), jnp.asarray(lengths), capacity)
     if shrinks_kv_cache(model):
         kept = int(jax.device_get(jnp.max(cache.length)))
-        smaller = _round_up(max(kept, 1), PROMPT_BUCKET) + max_new_tokens
+        smaller = evicted_capacity(kept) + max_new_tokens
         if smaller < cache.capacity:
             cache = _resize(cache, smaller)
     return logits, cache
 
 
 _resize = jax.jit(KVCache.resize, static_argnums=1)
+
+
+def evicted_capacity(kept: int) -> int:
+    """Slots for the ``kept`` entries of the longest row after an eviction: ``kept`` rounded up to a multiple of
+    ``min(16, kept // 16)`` (at least 1), so that nearby kept lengths share a compiled decode loop while the
+    rounding wastes at most 1/16 of the kept entries (and nothing for a kept length that is a multiple of 16, or
+    under 32)."""
+    kept = max(int(kept), 1)
+    return _round_up(kept, max(1, min(PROMPT_BUCKET, kept // 16)))
 
 
 def _stop_ids(model: DecoderLM, stop_tokens) -> np.ndarray:

@@ -214,6 +214,11 @@ def test_sft_step_skips_a_non_finite_gradient(lm_run):
     ({"task": TASK, "init_from": "x", "attention_gate": {}, "job": "pretrain"}, r"'job': expected one of"),
     ({"init_from": "smollm2", "model": {"vocab_size": 320}}, r"'attention_gate': expected the gate settings"),
     ({"attention_gate": {}, "model": {"vocab_size": 320}}, r"'init_from': expected the pretrained model"),
+    ({"task": TASK, "init_from": "x", "attention_gate": {"prefill": "dense"}}, r"'attention_gate\.prefill': expected"),
+    ({"init_from": "smollm2", "attention_gate": {"prefill": "dense"}},
+     r"'attention_gate\.prompt_len': expected an int"),
+    ({"init_from": "smollm2", "attention_gate": {"prefill": "dense", "prompt_len": 256}, "data": {"seq_len": 256}},
+     r"'attention_gate\.prompt_len': expected an int below data\.seq_len=256"),
 ])
 def test_bad_configs_name_the_field(tmp_path, data, match):
     path = tmp_path / "bad.yaml"
@@ -236,7 +241,8 @@ def test_label_collisions_and_missing_runs_are_explained(lm_run, tmp_path, capsy
 
 def test_bundled_configs_load():
     for name, kind in (("ag_tiny_cpt", TrainConfig), ("ag_smollm2_cpt", TrainConfig), ("ag_tiny_sft", SFTConfig),
-                       ("ag_smollm2_sft", SFTConfig)):
+                       ("ag_smollm2_sft", SFTConfig), ("ag_smollm2_cpt_dense", TrainConfig),
+                       ("ag_tiny_cpt_dense", TrainConfig)):
         cfg = load_job_config(f"configs/{name}.yaml")
         assert isinstance(cfg, kind), name
         if kind is TrainConfig:

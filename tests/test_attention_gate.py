@@ -125,8 +125,8 @@ def test_gate_is_causal(base):
     assert not np.allclose(np.asarray(a.logits[:, 6:]), np.asarray(b.logits[:, 6:]))
 
 
-def test_eviction_loss_drives_the_keep_rate_to_its_target(base):
-    gate = AttentionGate(target_keep=0.4, init_bias=3.0)
+def _train_keep_rate(base, gate: AttentionGate, steps: int = 40) -> list:
+    """Keep rates while SGD minimises the eviction loss alone (no task loss)."""
     m, p = gated(base, gate)
     x = tokens(b=4, t=16, seed=7)
     tx = optax.sgd(5.0)
@@ -144,12 +144,27 @@ def test_eviction_loss_drives_the_keep_rate_to_its_target(base):
         return optax.apply_updates(g, updates), state, metrics
 
     keeps = []
-    for _ in range(40):
+    for _ in range(steps):
         g, state, metrics = step(g, state)
         keeps.append(float(metrics["gate_keep"]))
+    return keeps
+
+
+def test_eviction_loss_drives_the_keep_rate_to_its_target(base):
+    keeps = _train_keep_rate(base, AttentionGate(target_keep=0.4, init_bias=3.0))
     assert keeps[0] > 0.9
     # the hinge stops pushing once a layer is at the target: the rate settles just below it
     assert 0.3 <= keeps[-1] <= 0.42, keeps[-10:]
+
+
+def test_two_sided_eviction_loss_also_pulls_a_closed_gate_up(base):
+    """Gates that start shut (keeping little more than the sink) are pulled up to the target by the two-sided loss;
+    the hinge leaves them shut."""
+    kw = dict(target_keep=0.5, init_bias=-1.0)
+    two_sided = _train_keep_rate(base, AttentionGate(evict_loss="two_sided", **kw))
+    hinge = _train_keep_rate(base, AttentionGate(**kw), steps=5)
+    assert two_sided[0] < 0.2 and hinge[-1] == hinge[0] < 0.2
+    assert 0.4 <= two_sided[-1] <= 0.6, two_sided[-10:]
 
 
 def test_budget_keeps_exactly_its_tokens(base):
@@ -213,3 +228,129 @@ def test_causal_chunk_skipping_gives_the_same_gated_attention():
     grads = [jax.grad(lambda w, c=c: jnp.sum(gated_attention(q, kv, pos, w, causal_aligned=c, chunk=16) ** 2))(keep)
              for c in (False, True)]
     np.testing.assert_allclose(np.asarray(grads[1]), np.asarray(grads[0]), rtol=1e-5, atol=1e-5)
+
+
+# ---- local window and prefill="dense" ------------------------------------------------------------------------------
+
+
+def test_local_window_matches_a_dense_reference():
+    """Query ``i`` sees key ``j`` when ``keep[j]`` or ``0 <= i - j <= window``; queries before ``open_before`` see
+    every key: the same as dense attention under that explicit boolean mask."""
+    rng = np.random.default_rng(4)
+    b, t, hkv, g, d = 2, 12, 2, 2, 8
+    q = jnp.asarray(rng.standard_normal((b, t, hkv * g, d)), jnp.float32)
+    k = jnp.asarray(rng.standard_normal((b, t, hkv, d)), jnp.float32)
+    v = jnp.asarray(rng.standard_normal((b, t, hkv, d)), jnp.float32)
+    pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    kv = LayerKV.from_sequence(k, v, pos, jnp.ones((b, t), bool))
+    keep = rng.random((b, hkv, t)) > 0.6
+    for window, open_before in ((3, 0), (0, 5), (2, 7)):
+        out = gated_attention(q, kv, pos, jnp.asarray(keep, jnp.float32), window=window, open_before=open_before)
+        i, j = np.arange(t)[:, None], np.arange(t)[None, :]
+        seen = (j <= i) & (keep[:, :, None, :] | ((i - j) <= window) | (i < open_before))  # [B, Hkv, T, S]
+        qh = np.asarray(q).reshape(b, t, hkv, g, d)
+        logits = np.einsum("bthgd,bshd->bhgts", qh, np.asarray(k)) / np.sqrt(d)
+        logits = np.where(seen[:, :, None], logits, -np.inf)
+        probs = np.exp(logits - logits.max(-1, keepdims=True))
+        probs /= probs.sum(-1, keepdims=True)
+        want = np.einsum("bhgts,bshd->bthgd", probs, np.asarray(v)).reshape(b, t, hkv * g, d)
+        np.testing.assert_allclose(np.asarray(out), want, atol=1e-5)
+
+
+def test_masked_prefill_with_a_local_window_equals_the_full_forward(base):
+    """The local window's last tokens are kept at prefill, so the compacted cache gives the full forward's next
+    logits; and the window really keeps more than the flags alone."""
+    x = tokens(b=2, t=14, seed=3)
+    lengths = []
+    for window in (0, 4):
+        m, p = gated(base, AttentionGate(init_bias=0.0, local_window=window), seed=2, wo_scale=100.0)
+        full = m.forward(p, x)
+        cache = m.init_cache(2, 32)
+        logits, cache = m.apply(p, x[:, :-1], cache=cache)
+        np.testing.assert_allclose(np.asarray(logits), np.asarray(full.logits[:, :-1]), atol=1e-5)
+        step, cache = m.apply(p, x[:, -1:], cache=cache)
+        np.testing.assert_allclose(np.asarray(step[:, 0]), np.asarray(full.logits[:, -1]), atol=1e-5)
+        pos = np.asarray(cache.pos)  # [L, B, Hkv, S]: the window's 4 last prompt tokens (9..12) are all there
+        if window:
+            assert all(((pos == p_).sum(-1) == 1).all() for p_ in range(13 - window, 13))
+        lengths.append(np.asarray(cache.length).sum())
+    assert lengths[1] > lengths[0]
+
+
+def test_dense_prefill_full_forward_equals_prefill_compaction_continuation(base):
+    """prefill="dense": the training forward (prompt of ``prompt_len`` tokens attended densely, the continuation
+    seeing only the kept prompt entries) equals a dense prefill + compaction + teacher-forced continuation."""
+    c, t = 10, 16
+    gate = AttentionGate(init_bias=0.0, prefill="dense", prompt_len=c, local_window=2)
+    m, p = gated(base, gate, seed=2, wo_scale=100.0)
+    x = tokens(b=2, t=t, seed=11)
+    full = m.forward(p, x)
+    keep = np.asarray(full.aux["gate_keep"])  # over the prompt's tokens only
+    assert np.all((keep > 0.3) & (keep < 0.99)) and keep.min() < 0.8, keep
+    model, params = base
+    dense = model.forward(params, x)
+    # the prompt is the base model's; the continuation is not (some of the prompt is evicted for it)
+    np.testing.assert_allclose(np.asarray(full.logits[:, :c]), np.asarray(dense.logits[:, :c]), atol=1e-5)
+    assert not np.allclose(np.asarray(full.logits[:, c:]), np.asarray(dense.logits[:, c:]), atol=1e-3)
+    cache = m.init_cache(2, 32)
+    logits, cache = m.apply(p, x[:, :c], cache=cache)
+    np.testing.assert_allclose(np.asarray(logits), np.asarray(dense.logits[:, :c]), atol=1e-5)
+    assert np.asarray(cache.length).sum() < 0.95 * np.asarray(cache.length).size * c
+    rest, _ = m.apply(p, x[:, c:], cache=cache)
+    np.testing.assert_allclose(np.asarray(rest), np.asarray(full.logits[:, c:]), atol=1e-5)
+
+
+def test_dense_prefill_gate_reads_the_whole_prompt_but_not_the_continuation(base):
+    """The gate of prefill="dense" is bidirectional over the prompt (a later prompt token changes earlier flags) and
+    nothing after the prompt reaches the prompt's flags or the continuation's earlier logits."""
+    c, t = 8, 14
+    m, p = gated(base, AttentionGate(init_bias=0.0, prefill="dense", prompt_len=c), seed=2, wo_scale=100.0)
+    x = tokens(b=1, t=t, seed=5)
+    gate = m.methods[0]
+
+    def flags(x):
+        out = m.forward(p, x)
+        return out, np.asarray(out.aux["gate_keep"])
+
+    a, ka = flags(x)
+    b_, kb = flags(x.at[0, c - 1].set((x[0, c - 1] + 7) % VOCAB))  # the prompt's last token
+    assert not np.allclose(ka, kb)  # earlier prompt tokens' flags read it
+    d, kd = flags(x.at[0, c + 2].set((x[0, c + 2] + 7) % VOCAB))  # a continuation token
+    np.testing.assert_array_equal(ka, kd)
+    np.testing.assert_allclose(np.asarray(a.logits[:, :c + 2]), np.asarray(d.logits[:, :c + 2]), atol=1e-6)
+    assert gate.dense_prefill
+
+
+def test_dense_prefill_errors_name_the_field(base):
+    with pytest.raises(ConfigError, match="AttentionGate.prefill"):
+        AttentionGate(prefill="sometimes")
+    with pytest.raises(ConfigError, match="AttentionGate.prompt_len"):
+        AttentionGate(prompt_len=8)  # only with prefill="dense"
+    with pytest.raises(ConfigError, match="AttentionGate.local_window"):
+        AttentionGate(local_window=-1)
+    with pytest.raises(ConfigError, match="AttentionGate.evict_loss"):
+        AttentionGate(evict_loss="l1")
+    m, p = gated(base, AttentionGate(prefill="dense"))
+    with pytest.raises(ValueError, match="AttentionGate.prompt_len: expected the prompt length"):
+        m.forward(p, tokens())
+    m, p = gated(base, AttentionGate(prefill="dense", prompt_len=12))
+    with pytest.raises(ValueError, match="expected fewer than the 12 tokens"):
+        m.forward(p, tokens(t=12))
+
+
+def test_dense_prefill_ragged_prompts_keep_their_budget_and_window(base):
+    gate = AttentionGate(init_bias=0.0, keep_ratio=0.5, prefill="dense", local_window=4)
+    m, p = gated(base, gate, seed=2, wo_scale=100.0)
+    prompts = [np.arange(1, 40) % VOCAB, np.arange(5, 22) % VOCAB]
+    logits, cache = prefill(m, p, prompts, max_new_tokens=4)
+    n = np.array([39, 17])
+    kept = np.asarray(cache.length)  # [L, B, Hkv]
+    np.testing.assert_array_equal(kept, np.broadcast_to(np.ceil(0.5 * n).astype(int)[None, :, None], kept.shape))
+    pos = np.asarray(cache.pos)
+    for row, length in enumerate(n):  # the sink and each row's own last 4 prompt tokens, in every (layer, head)
+        for want in (0, *range(length - 4, length)):
+            assert ((pos[:, row] == want).sum(-1) == 1).all(), (row, want)
+    # the prompt was attended densely: the last logits are the base model's
+    model, params = base
+    dense_logits, _ = prefill(model, params, prompts, max_new_tokens=4)
+    np.testing.assert_allclose(np.asarray(logits), np.asarray(dense_logits), atol=1e-5)

@@ -391,8 +391,8 @@ def test_generate_with_a_policy_shrinks_the_cache(model_params):
     logits, cache = prefill(policy_model, params, prompts, max_new_tokens=max_new)
     assert dense_cache.capacity == 128  # round_up(120 + 4, 64)
     np.testing.assert_array_equal(np.asarray(cache.length[:, :, 0]), np.broadcast_to([30, 20], (2, 2)))
-    assert cache.capacity == 32 + max_new  # round_up(30, 16) + 4
-    assert cache.nbytes() / dense_cache.nbytes() == pytest.approx(36 / 128)
+    assert cache.capacity == 30 + max_new  # evicted_capacity(30) == 30: no rounding under 32 kept
+    assert cache.nbytes() / dense_cache.nbytes() == pytest.approx(34 / 128)
     np.testing.assert_array_equal(np.asarray(cache.pos[0, 0, 0, :4]), [0, 1, 92, 93])  # sinks, then recent
 
     out = generate(policy_model, params, prompts, max_new_tokens=max_new, stop_tokens=[])

@@ -233,6 +233,11 @@ class TrainConfig:
             )
         if self.train.trainable == "methods" and self.attention_gate is None:
             raise config_error("train.trainable", "'all' (no method with parameters is applied)", "methods")
+        gate = self.attention_gate
+        if gate is not None and gate.prefill == "dense":
+            if gate.prompt_len is None or gate.prompt_len >= self.data.seq_len:
+                raise config_error("attention_gate.prompt_len", f"an int below data.seq_len={self.data.seq_len} "
+                                   "(prefill: dense trains the gates on the tokens after the prompt)", gate.prompt_len)
         if self.tokenizer_kind == "pretrained" and self.init_from is None:
             raise config_error("data.tokenizer", "'bpe' or a tokenizer directory when init_from is null",
                                self.data.tokenizer)

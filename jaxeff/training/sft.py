@@ -113,6 +113,10 @@ class SFTConfig:
             raise config_error("attention_gate.keep_ratio/budget", "null (training and the accuracy evaluation "
                                "use the thresholded flags; budgets are an inference-time setting)",
                                {"keep_ratio": self.attention_gate.keep_ratio, "budget": self.attention_gate.budget})
+        if self.attention_gate.prefill != "masked":
+            raise config_error("attention_gate.prefill", "'masked' (the SFT job scores the answer after the prompt "
+                               "in one forward pass with in-context eviction; prefill: dense is trained by CPT)",
+                               self.attention_gate.prefill)
         for arm in self.arms:
             self.arm_config(arm)  # TrainConfig's own checks (warmup < steps, ...)
 
