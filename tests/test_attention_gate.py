@@ -58,14 +58,20 @@ def test_open_gates_equal_the_dense_model(base):
     assert set(p) - {"methods"} == set(params)
 
 
-def test_closed_gates_leave_only_the_diagonal():
-    rng = np.random.default_rng(1)
-    b, t, hkv, g, d = 2, 6, 2, 2, 8
+def random_qkv(seed: int, b: int, t: int, hkv: int = 2, g: int = 2, d: int = 8, valid=None):
+    """``(rng, q [B, T, Hkv*G, D], k, v [B, T, Hkv, D], positions [B, T], LayerKV of the sequence)``."""
+    rng = np.random.default_rng(seed)
     q = jnp.asarray(rng.standard_normal((b, t, hkv * g, d)), jnp.float32)
     k = jnp.asarray(rng.standard_normal((b, t, hkv, d)), jnp.float32)
     v = jnp.asarray(rng.standard_normal((b, t, hkv, d)), jnp.float32)
     pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    kv = LayerKV.from_sequence(k, v, pos, jnp.ones((b, t), bool))
+    kv = LayerKV.from_sequence(k, v, pos, jnp.ones((b, t), bool) if valid is None else valid)
+    return rng, q, k, v, pos, kv
+
+
+def test_closed_gates_leave_only_the_diagonal():
+    b, t, hkv, g = 2, 6, 2, 2
+    _, q, k, v, pos, kv = random_qkv(1, b, t, hkv, g)
     out = gated_attention(q, kv, pos, jnp.zeros((b, hkv, t)))
     # each query head h reads its own token's value of KV head h // g
     want = jnp.repeat(v, g, axis=2)
@@ -213,14 +219,9 @@ def test_budget_larger_than_the_cache_and_unsupported_model(base):
 
 
 def test_causal_chunk_skipping_gives_the_same_gated_attention():
-    rng = np.random.default_rng(3)
-    b, t, hkv, g, d = 2, 40, 2, 2, 8
-    q = jnp.asarray(rng.standard_normal((b, t, hkv * g, d)), jnp.float32)
-    k = jnp.asarray(rng.standard_normal((b, t, hkv, d)), jnp.float32)
-    v = jnp.asarray(rng.standard_normal((b, t, hkv, d)), jnp.float32)
-    pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    b, t, hkv = 2, 40, 2
     valid = jnp.arange(t)[None] < jnp.array([[40], [29]])  # right padding in the second row
-    kv = LayerKV.from_sequence(k, v, pos, valid)
+    rng, q, k, v, pos, kv = random_qkv(3, b, t, hkv, valid=valid)
     keep = jnp.asarray(rng.random((b, hkv, t)) > 0.5, jnp.float32)
     whole = gated_attention(q, kv, pos, keep)
     chunked = gated_attention(q, kv, pos, keep, causal_aligned=True, chunk=16)
@@ -236,13 +237,8 @@ def test_causal_chunk_skipping_gives_the_same_gated_attention():
 def test_local_window_matches_a_dense_reference():
     """Query ``i`` sees key ``j`` when ``keep[j]`` or ``0 <= i - j <= window``; queries before ``open_before`` see
     every key: the same as dense attention under that explicit boolean mask."""
-    rng = np.random.default_rng(4)
     b, t, hkv, g, d = 2, 12, 2, 2, 8
-    q = jnp.asarray(rng.standard_normal((b, t, hkv * g, d)), jnp.float32)
-    k = jnp.asarray(rng.standard_normal((b, t, hkv, d)), jnp.float32)
-    v = jnp.asarray(rng.standard_normal((b, t, hkv, d)), jnp.float32)
-    pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    kv = LayerKV.from_sequence(k, v, pos, jnp.ones((b, t), bool))
+    rng, q, k, v, pos, kv = random_qkv(4, b, t, hkv, g, d)
     keep = rng.random((b, hkv, t)) > 0.6
     for window, open_before in ((3, 0), (0, 5), (2, 7)):
         out = gated_attention(q, kv, pos, jnp.asarray(keep, jnp.float32), window=window, open_before=open_before)
