@@ -349,7 +349,10 @@ class AttentionGate:
     def token_flags(self, ctx) -> tuple[jax.Array, jax.Array]:
         """``(flags [B, T, Hkv] float32, scores [B, T, Hkv])``: straight-through flags in training, hard 0/1 flags
         (threshold, or the per-row budget when ``keep_ratio``/``budget`` is set) otherwise; forced tokens
-        (:meth:`forced_tokens`) set to 1 and padding to 0."""
+        (:meth:`forced_tokens`) set to 1 and padding to 0. Computed once per layer and pass (``attention`` and
+        ``kv_compress`` both read them)."""
+        if "attention_gate_flags" in ctx.scratch:
+            return ctx.scratch["attention_gate_flags"]
         logits = self.gate_logits(ctx)
         flags, scores = ste_flags(logits, self.threshold)
         valid = ctx.token_valid[..., None]
@@ -364,6 +367,7 @@ class AttentionGate:
                 flags = jnp.swapaxes(sel, 1, 2).astype(jnp.float32)
         flags = jnp.where(forced, 1.0, flags)
         flags = jnp.where(valid, flags, 0.0)
+        ctx.scratch["attention_gate_flags"] = (flags, scores)
         return flags, scores
 
     # ---- hooks ------------------------------------------------------------------------------------------------
@@ -382,11 +386,10 @@ class AttentionGate:
             if self.dense_prefill and ctx.mode == "prefill":  # the prompt attends densely; the flags act after it
                 return inner_attention(q, kv, ctx)
             keep = _tokens_to_slots(flags, kv, ctx.positions, fill=1.0)
-            if self.dense_prefill:
-                return gated_attention(q, kv, ctx.positions, keep, sliding_window=ctx.config.sliding_window,
-                                       open_before=self._train_prompt_len(ctx), causal_aligned=ctx.kv_aligned)
+            # dense: prompt queries see everything and the window is in the flags; masked: a per-query window
+            window, open_before = (0, self._train_prompt_len(ctx)) if self.dense_prefill else (self.local_window, 0)
             return gated_attention(q, kv, ctx.positions, keep, sliding_window=ctx.config.sliding_window,
-                                   window=self.local_window, causal_aligned=ctx.kv_aligned)
+                                   window=window, open_before=open_before, causal_aligned=ctx.kv_aligned)
 
         def kv_compress(kv, q, ctx):
             kv = inner_compress(kv, q, ctx)
