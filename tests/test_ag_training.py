@@ -100,6 +100,42 @@ def test_cpt_run_loads_with_its_gates(cpt_run):
     assert out.aux["gate_keep"].shape == (model.config.num_layers,)
 
 
+def test_cpt_starts_from_saved_gates(lm_run, cpt_run, tmp_path):
+    from jaxeff import sharding as shd
+    from jaxeff.training.trainer import build_model_and_tokenizer
+
+    lm_dir, _ = lm_run
+    cpt_dir, _, _ = cpt_run
+    data = {**LM_RUN, "init_from": str(lm_dir), "attention_gate": GATE, "gates_from": str(cpt_dir),
+            "output_dir": str(tmp_path / "o"), "train": {**LM_RUN["train"], "trainable": "methods"}}
+    cfg = from_dict(TrainConfig, data)
+    mesh = shd.make_mesh(cfg.mesh)
+    model, params, _ = build_model_and_tokenizer(cfg, mesh)
+    _, saved = load_gates(cpt_dir / "gates", model.config)
+    started = _flat(params["methods"]["attention_gate"])
+    assert started.keys() == _flat(saved).keys()
+    for k, v in _flat(saved).items():
+        np.testing.assert_array_equal(started[k], v, err_msg=k)
+    _, lm_params, _ = load_run(lm_dir)
+    for k, v in _flat(lm_params).items():  # the base is the init_from model's
+        np.testing.assert_array_equal(_flat({k2: v2 for k2, v2 in params.items() if k2 != "methods"})[k], v)
+    other = from_dict(TrainConfig, {**data, "attention_gate": {**GATE, "head_dim": 16}})
+    with pytest.raises(ConfigError, match=r"'attention_gate\.heads/head_dim': expected those of the gates in "
+                                          r"gates_from \(1 x 8\)"):
+        build_model_and_tokenizer(other, mesh)
+    missing = from_dict(TrainConfig, {**data, "gates_from": str(tmp_path / "none")})
+    with pytest.raises(ConfigError, match=r"'gates_from': expected a directory written by save_gates"):
+        build_model_and_tokenizer(missing, mesh)
+
+
+def test_recall_mixture_needs_room_in_the_sequence(lm_run, tmp_path):
+    lm_dir, _ = lm_run
+    data = {**LM_RUN, "init_from": str(lm_dir), "attention_gate": GATE, "output_dir": str(tmp_path / "o"),
+            "data": {**LM_RUN["data"], "recall_rate": 0.5}, "train": {**LM_RUN["train"], "trainable": "methods"}}
+    with pytest.raises(ConfigError, match=r"'data\.recall_rate': recall split: expected room for the fact"):
+        train(from_dict(TrainConfig, data))  # 32-token sequences cannot hold a fact, a gap and a question
+
+
 def _task(tokenizer, **changes) -> BookClassification:
     return BookClassification(from_dict(KJVBooksTask, {**TASK, **changes}, "task"), tokenizer, seed=3)
 
@@ -219,6 +255,11 @@ def test_sft_step_skips_a_non_finite_gradient(lm_run):
      r"'attention_gate\.prompt_len': expected an int"),
     ({"init_from": "smollm2", "attention_gate": {"prefill": "dense", "prompt_len": 256}, "data": {"seq_len": 256}},
      r"'attention_gate\.prompt_len': expected an int below data\.seq_len=256"),
+    ({"init_from": "smollm2", "attention_gate": {}, "data": {"recall_rate": 1.5}},
+     r"'data\.recall_rate': expected a share in \[0, 1\]"),
+    ({"init_from": "smollm2", "attention_gate": {}, "data": {"recall_min_gap": -2}},
+     r"'data\.recall_min_gap': expected an int >= 0"),
+    ({"init_from": "smollm2", "gates_from": "runs/x"}, r"'gates_from': expected null unless an attention_gate"),
 ])
 def test_bad_configs_name_the_field(tmp_path, data, match):
     path = tmp_path / "bad.yaml"
@@ -242,7 +283,7 @@ def test_label_collisions_and_missing_runs_are_explained(lm_run, tmp_path, capsy
 def test_bundled_configs_load():
     for name, kind in (("ag_tiny_cpt", TrainConfig), ("ag_smollm2_cpt", TrainConfig), ("ag_tiny_sft", SFTConfig),
                        ("ag_smollm2_sft", SFTConfig), ("ag_smollm2_cpt_dense", TrainConfig),
-                       ("ag_tiny_cpt_dense", TrainConfig)):
+                       ("ag_tiny_cpt_dense", TrainConfig), ("ag_smollm2_cpt_recall", TrainConfig)):
         cfg = load_job_config(f"configs/{name}.yaml")
         assert isinstance(cfg, kind), name
         if kind is TrainConfig:

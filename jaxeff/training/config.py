@@ -31,6 +31,11 @@ class DataConfig:
         ``"pretrained"`` uses the tokenizer of ``init_from``; any other string is a Hugging Face tokenizer
         directory. Null picks ``"pretrained"`` with ``init_from`` and ``"bpe"`` without.
       seq_len: tokens per training sequence (each window holds ``seq_len + 1`` tokens: inputs and targets).
+      recall_rate: the share of training windows rewritten into key-value recall sequences in the same text
+        (``jaxeff.data.recall``: a fact stated in the prompt, asked at the prompt's end, answered just after it).
+        The prompt is ``attention_gate.prompt_len`` tokens long with Attention-Gate's ``prefill: dense``, else
+        3/4 of ``seq_len``. 0 (the default) trains on the plain corpus. Evaluation always uses the plain corpus.
+      recall_min_gap: the fewest tokens between a recall fact and its question.
     """
 
     corpus: Literal["kjv"] = "kjv"
@@ -38,10 +43,17 @@ class DataConfig:
     train_books: Optional[tuple[str, ...]] = None
     tokenizer: Optional[str] = None
     seq_len: int = 128
+    recall_rate: float = 0.0
+    recall_min_gap: int = 32
 
     def __post_init__(self):
         if self.seq_len <= 0:
             raise config_error("data.seq_len", "a positive int", self.seq_len)
+        if isinstance(self.recall_rate, bool) or not isinstance(self.recall_rate, (int, float)) \
+                or not 0.0 <= self.recall_rate <= 1.0:
+            raise config_error("data.recall_rate", "a share in [0, 1]", self.recall_rate)
+        if isinstance(self.recall_min_gap, bool) or not isinstance(self.recall_min_gap, int) or self.recall_min_gap < 0:
+            raise config_error("data.recall_min_gap", "an int >= 0", self.recall_min_gap)
         if not self.heldout_books:
             raise config_error("data.heldout_books", "at least one book", self.heldout_books)
         check_books(self.heldout_books, "data.heldout_books")
@@ -202,6 +214,9 @@ class TrainConfig:
       seed: parameter initialisation, data order and the per-step RNG all derive from it.
       attention_gate: apply Attention-Gate (learned KV eviction, ``jaxeff.methods.kv_eviction``) with these
         settings; its eviction loss is added to the training loss and its keep rate is logged.
+      gates_from: start Attention-Gate's parameters from saved gates (a directory written by
+        ``jaxeff.methods.kv_eviction.save_gates``, or a CPT run directory holding ``gates/``) instead of a fresh
+        initialisation; their ``heads`` and ``head_dim`` must match ``attention_gate``'s.
     """
 
     model: LMConfig = LMConfig(vocab_size=512)  # a byte-level BPE needs > 256 entries
@@ -215,6 +230,7 @@ class TrainConfig:
     output_dir: str = "runs/lm"
     seed: int = 0
     attention_gate: Optional[AttentionGate] = None
+    gates_from: Optional[str] = None
 
     def __post_init__(self):
         if self.init_from is None and self.data.seq_len > self.model.max_position_embeddings:
@@ -241,6 +257,18 @@ class TrainConfig:
         if self.tokenizer_kind == "pretrained" and self.init_from is None:
             raise config_error("data.tokenizer", "'bpe' or a tokenizer directory when init_from is null",
                                self.data.tokenizer)
+        if self.gates_from is not None and self.attention_gate is None:
+            raise config_error("gates_from", "null unless an attention_gate section is given (it starts the gates "
+                               "from saved ones)", self.gates_from)
+
+    @property
+    def recall_split(self) -> int:
+        """The prompt length of the recall sequences (``data.recall_rate``): Attention-Gate's dense
+        ``prompt_len``, else 3/4 of ``data.seq_len``."""
+        gate = self.attention_gate
+        if gate is not None and gate.prefill == "dense" and gate.prompt_len is not None:
+            return int(gate.prompt_len)
+        return (3 * self.data.seq_len) // 4
 
     @property
     def methods(self) -> tuple:

@@ -31,7 +31,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from jaxeff import sharding as shd
-from jaxeff.config import ConfigError, to_dict
+from jaxeff.config import ConfigError, config_error, to_dict
 from jaxeff.data import kjv
 from jaxeff.data.text import WindowSampler, eval_windows, kjv_bpe_tokenizer, kjv_token_splits, unigram_perplexity
 from jaxeff.models.lm import DecoderLM
@@ -151,8 +151,10 @@ def build_model_and_tokenizer(cfg: TrainConfig, mesh, load_weights: bool = True)
         model = DecoderLM(dataclasses.replace(model.config, eos_token_id=int(tokenizer.eos_token_id)))
     if cfg.methods:
         model = model.with_methods(*cfg.methods)
-        if params is not None:  # pretrained base + freshly initialised method parameters
+        if params is not None:  # pretrained base + freshly initialised (or saved) method parameters
             params = {**params, "methods": _init_methods(model, mesh, cfg.seed)}
+            if cfg.gates_from is not None:
+                params = _with_saved_gates(cfg, model, params)
     return model, params, tokenizer
 
 
@@ -167,6 +169,20 @@ def _init_methods(model: DecoderLM, mesh, seed: int) -> dict:
 
     abstract = jax.eval_shape(make, key)
     return jax.jit(make, out_shardings=shd.tree_shardings(axes, abstract, mesh))(key)
+
+
+def _with_saved_gates(cfg: TrainConfig, model: DecoderLM, params: dict) -> dict:
+    """``params`` with the Attention-Gate parameters replaced by the saved gates of ``cfg.gates_from``."""
+    from jaxeff.methods.kv_eviction.attention_gate import load_gates, with_gate_params
+    from jaxeff.training.sft import resolve_gates_dir
+
+    saved, gates = load_gates(resolve_gates_dir(cfg.gates_from), model.config)
+    gate = cfg.attention_gate
+    if (saved.heads, saved.head_dim) != (gate.heads, gate.head_dim):
+        raise config_error("attention_gate.heads/head_dim", f"those of the gates in gates_from ({saved.heads} x "
+                           f"{saved.head_dim})", (gate.heads, gate.head_dim))
+    shardings = jax.tree.map(lambda x: x.sharding, params)
+    return jax.device_put(with_gate_params(params, gates), shardings)
 
 
 def _prepare_run_dir(cfg: TrainConfig, run_dir: pathlib.Path, resume: bool, overwrite: bool, is_main: bool) -> None:
@@ -243,6 +259,15 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) ->
     train_tokens, heldout_tokens = kjv_token_splits(tokenizer, train_books, heldout_books)
     seq_len = cfg.data.seq_len
     sampler = WindowSampler(train_tokens, seq_len, cfg.seed)
+    recall = None
+    if cfg.data.recall_rate > 0:
+        from jaxeff.data.recall import RecallMixer
+
+        try:
+            recall = RecallMixer(tokenizer, seq_len, cfg.recall_split, cfg.data.recall_rate, seed=cfg.seed,
+                                 min_gap=cfg.data.recall_min_gap)
+        except ValueError as e:
+            raise ConfigError(f"config field 'data.recall_rate': {e}") from None
     eval_bs = loop.eval_bs
     n_heldout = (len(heldout_tokens) - 1) // seq_len
     n_eval = (n_heldout // eval_bs) * eval_bs if loop.eval_batches is None else loop.eval_batches * eval_bs
@@ -328,6 +353,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) ->
 
     for step in range(start_step + 1, loop.steps + 1):
         batch = sampler.batch(position, loop.batch_size)
+        if recall is not None:
+            batch = recall.apply(batch, position)
         position += loop.batch_size
         state, metrics = train_step(state, shd.shard_host_batch(batch, mesh))
         steps.add(step, metrics)
