@@ -27,7 +27,10 @@ Protocol (the same for every policy; a policy acts only through the cache it lea
   prefix ``"The pass key is"`` (inside the chat template when the tokenizer has one, as SmolLM2-Instruct's does).
   The prompt is prefilled with the policy, ``G`` tokens are generated greedily (base model over the evicted cache,
   as above), and a trial is correct when the key's digits appear in the decoded text. ``trials`` trials per depth
-  (different keys and haystacks, fixed seeds); the row carries the accuracy per depth.
+  (different keys and haystacks, fixed seeds); the row carries the accuracy per depth, and ``key_kept``: the share
+  of (layer, KV head) cache rows that still hold each digit-bearing token of the pass-key sentence after the
+  prefill, averaged over those tokens and the trials (1.0 for the dense model; a policy blind to the key keeps
+  about its keep ratio).
 * ``kv_bytes``: ``cache.nbytes()`` (the K/V buffers) per sequence of the cache ``prefill`` returns for the ``C``-token
   prompts with room for one new token: the dense model's cache has exactly ``C + 1`` slots per row
   (``cache_capacity=C + 1``), an evicted one ``evicted_capacity(ceil(r * C)) + 1`` (``prefill``'s resize,
@@ -353,10 +356,12 @@ def passkey_frame(tok) -> tuple[list, list, bool]:
 
 
 def passkey_prompts(tok, s: EvalSettings, seed: int = 0):
-    """``(tokens [P, C] int32, keys [P], depths [P], chat)`` or raises ValueError when ``C`` is too short."""
+    """``(tokens [P, C] int32, keys [P], depths [P], chat, key_positions [P])`` or raises ValueError when ``C`` is
+    too short. ``key_positions[i]``: the positions in prompt ``i`` of the pass-key sentence's tokens that hold
+    digits."""
     pre, post, chat = passkey_frame(tok)
     verses = heldout_verses()
-    prompts, keys, depths = [], [], []
+    prompts, keys, depths, key_positions = [], [], [], []
     verse_cache: dict = {}
 
     def verse_tokens(i):
@@ -384,7 +389,10 @@ def passkey_prompts(tok, s: EvalSettings, seed: int = 0):
             prompts.append(pre + flat[:at] + needle + flat[at:] + post)
             keys.append(key)
             depths.append(depth)
-    return np.asarray(prompts, np.int32), keys, depths, chat
+            start = len(pre) + at
+            key_positions.append([start + j for j, t in enumerate(needle)
+                                  if any(ch.isdigit() for ch in tok.decode([t]))])
+    return np.asarray(prompts, np.int32), keys, depths, chat, key_positions
 
 
 # ---- jitted pieces ------------------------------------------------------------------------------------------------
@@ -506,10 +514,11 @@ def evaluate(bm: BenchModel, pmodel, pparams, windows, pk, s: EvalSettings) -> d
     res["ppl"] = float(math.exp(res["nll"]))
 
     if pk is not None:
-        tokens, keys, depths = pk
-        gen = []
-        for part, n in _batches(tokens, s.batch):
+        tokens, keys, depths, key_positions = pk
+        gen, key_kept = [], []
+        for i, (part, n) in enumerate(_batches(tokens, s.batch)):
             logits, cache = run_prefill(part)
+            key_kept.extend(kept_shares(cache, key_positions[i * s.batch:i * s.batch + n]))
             gen.extend(np.asarray(greedy(bm.model, bm.params, logits, cache, s.gen_tokens))[:n])
         texts = [bm.tokenizer.decode([int(t) for t in g]) for g in gen]
         correct = [str(k) in t for t, k in zip(texts, keys)]
@@ -517,7 +526,20 @@ def evaluate(bm: BenchModel, pmodel, pparams, windows, pk, s: EvalSettings) -> d
         res["passkey_by_depth"] = {str(d): float(np.mean([ok for ok, dd in zip(correct, depths) if dd == d]))
                                    for d in s.depths}
         res["passkey_sample"] = texts[0]
+        res["key_kept"] = float(np.mean(key_kept))
     return res
+
+
+def kept_shares(cache, positions) -> list:
+    """For each of the first ``len(positions)`` sequences of ``cache``: the share of (layer, KV head, position)
+    triples, over its ``positions``, whose entry the cache still holds."""
+    pos, length = np.asarray(cache.pos), np.asarray(cache.length)
+    valid = np.arange(pos.shape[-1]) < length[..., None]  # [L, B, H, S]
+    out = []
+    for b, want in enumerate(positions):
+        held = np.where(valid[:, b], pos[:, b], -1)  # [L, H, S]
+        out.append(float(np.isin(held, want).sum()) / (held.shape[0] * held.shape[1] * len(want)))
+    return out
 
 
 def _round_robin(fns: dict, repeats: int, cpu: bool = False) -> dict:
@@ -638,8 +660,8 @@ def run_model(bm: BenchModel, emit, args, s: EvalSettings, ts: TimingSettings, g
     base = {"model": bm.name, "context": s.context}
     windows = ppl_windows(bm.tokenizer, s)
     try:
-        tokens, keys, depths, chat = passkey_prompts(bm.tokenizer, s, args.seed)
-        pk = (tokens, keys, depths)
+        tokens, keys, depths, chat, key_positions = passkey_prompts(bm.tokenizer, s, args.seed)
+        pk = (tokens, keys, depths, key_positions)
     except ValueError as e:
         pk, chat = None, False
         emit(**base, policy=None, keep_ratio=None, metric="skipped", value=None, reason=f"passkey: {e}")
@@ -654,7 +676,8 @@ def run_model(bm: BenchModel, emit, args, s: EvalSettings, ts: TimingSettings, g
              **ppl_fields, **extra)
         if "passkey_acc" in r:
             emit(**base, policy=policy, keep_ratio=ratio, metric="passkey_acc", value=r["passkey_acc"], unit="frac",
-                 by_depth=r["passkey_by_depth"], sample=r["passkey_sample"], **pk_fields, **extra)
+                 by_depth=r["passkey_by_depth"], key_kept=r["key_kept"], sample=r["passkey_sample"], **pk_fields,
+                 **extra)
         emit(**base, policy=policy, keep_ratio=ratio, metric="kv_bytes", value=r["kv_bytes"], unit="bytes/seq",
              kv_meta_bytes=r["kv_meta_bytes"], capacity=r["capacity"], kept_entries=r["kept_entries"],
              dense_entries=r["dense_entries"], kv_bytes_kept=r["kv_bytes_kept"], **extra)

@@ -62,6 +62,36 @@ def test_ppl_is_finite_and_ratio_one_is_the_dense_model(rows):
         assert ppl[(policy, 1.0)]["value"] == ppl[("dense", 1.0)]["value"]
     acc = _by(rows[0], "passkey_acc")
     assert all(0.0 <= r["value"] <= 1.0 for r in acc.values())
+    assert acc[("dense", 1.0)]["key_kept"] == 1.0
+    assert all(0.0 <= r["key_kept"] <= 1.0 for r in acc.values())
+
+
+def test_passkey_key_positions_hold_the_key():
+    s = bench.EvalSettings(context=256, continuation=8, ppl_windows=1, depths=(0.0, 0.5, 1.0), trials=2,
+                           gen_tokens=8, batch=2, prefill_repeats=1)
+    tok = bench.ByteTokenizer()
+    tokens, keys, depths, _, key_positions = bench.passkey_prompts(tok, s)
+    assert tokens.shape == (6, 256) and len(key_positions) == 6
+    for row, key, where in zip(tokens, keys, key_positions):
+        assert tok.decode(row[where]) == str(key) * 2  # the key's digits, both times it is stated
+
+
+def test_kept_shares_counts_the_rows_holding_each_position():
+    import numpy as np
+
+    from jaxeff.cache import KVCache
+
+    cache = KVCache.create(num_layers=2, batch=2, num_kv_heads=2, capacity=4, head_dim=1)
+    pos = np.full((2, 2, 2, 4), -1, np.int32)
+    pos[0, 0, 0, :3] = [0, 5, 7]  # sequence 0: position 5 held by layer 0 head 0 and layer 1 head 1
+    pos[1, 0, 1, :2] = [5, 6]
+    pos[1, 0, 0, :4] = [1, 2, 3, 7]  # 7 is held only in the valid slots below
+    length = np.array([[[3, 0], [0, 0]], [[3, 2], [0, 0]]], np.int32)  # [L, B, H]: layer 1 head 0 holds 1, 2, 3
+    import dataclasses
+
+    cache = dataclasses.replace(cache, pos=pos, length=length)
+    got = bench.kept_shares(cache, [[5, 7], [9]])
+    assert got == [(2 + 1) / 8, 0.0]  # 5 in two rows, 7 in one (the other 7 is past its row's length)
 
 
 def test_kv_bytes_follow_the_keep_ratio(rows):
