@@ -126,6 +126,11 @@ def test_cpt_starts_from_saved_gates(lm_run, cpt_run, tmp_path):
     missing = from_dict(TrainConfig, {**data, "gates_from": str(tmp_path / "none")})
     with pytest.raises(ConfigError, match=r"'gates_from': expected a directory written by save_gates"):
         build_model_and_tokenizer(missing, mesh)
+    # the whole CPT job continues them: trains, compares with the base model, saves the new gates
+    short = from_dict(TrainConfig, {**data, "train": {**data["train"], "steps": 2}, "optim": {"warmup_steps": 1}})
+    results = run_cpt(short)
+    assert results["steps"] == 2 and results["base_ppl"] > 1.0
+    assert (tmp_path / "o" / "gates").is_dir()
 
 
 def test_recall_mixture_needs_room_in_the_sequence(lm_run, tmp_path):

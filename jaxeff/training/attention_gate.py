@@ -90,7 +90,8 @@ def run_cpt(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) 
         gated_ppl, metrics = result.eval_ppl, result.eval_metrics
     else:  # resumed at the final step: nothing was evaluated
         _, gated_ppl, metrics = heldout_perplexity(cfg, model, params, tokenizer)
-    base_cfg = dataclasses.replace(cfg, attention_gate=None, train=dataclasses.replace(cfg.train, trainable="all"))
+    base_cfg = dataclasses.replace(cfg, attention_gate=None, gates_from=None,
+                                   train=dataclasses.replace(cfg.train, trainable="all"))
     base_model, base_params, _ = build_model_and_tokenizer(base_cfg, shd.make_mesh(cfg.mesh))
     _, base_ppl, _ = heldout_perplexity(cfg, base_model, base_params, tokenizer)
     is_main = jax.process_index() == 0
