@@ -129,8 +129,17 @@ def test_cpt_starts_from_saved_gates(lm_run, cpt_run, tmp_path):
     # the whole CPT job continues them: trains, compares with the base model, saves the new gates
     short = from_dict(TrainConfig, {**data, "train": {**data["train"], "steps": 2}, "optim": {"warmup_steps": 1}})
     results = run_cpt(short)
-    assert results["steps"] == 2 and results["base_ppl"] > 1.0
+    assert results["steps"] == 2 and results["steps_this_call"] == 2 and results["base_ppl"] > 1.0
     assert (tmp_path / "o" / "gates").is_dir()
+    # resumed at the final step: nothing trains, the comparison is recomputed, the results stay strict JSON
+    again = run_cpt(short, resume=True)
+    assert again["steps_this_call"] == 0 and again["tokens_per_s"] is None
+    assert again["gated_ppl"] == pytest.approx(results["gated_ppl"], rel=1e-5)
+
+    def no_constants(name):
+        raise AssertionError(f"results.json holds {name}")
+
+    json.loads((tmp_path / "o" / "results.json").read_text(), parse_constant=no_constants)
 
 
 def test_recall_mixture_needs_room_in_the_sequence(lm_run, tmp_path):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import pathlib
 import sys
 from collections.abc import Sequence
@@ -81,7 +82,8 @@ def run_cpt(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) 
     """Trains the gates (``jaxeff.training.train``), saves them to ``<output_dir>/gates`` and returns (and writes
     to ``<output_dir>/results.json``) the held-out comparison: ``base_ppl`` (the ``init_from`` model without the
     method), ``gated_ppl``, ``gate_keep``, ``eviction_ratio`` (``1 - gate_keep``: the share of held-out
-    (token, KV head) entries the gates evict), ``unigram_ppl``, ``wall_time_s``."""
+    (token, KV head) entries the gates evict), ``unigram_ppl``, and ``steps_this_call``, ``wall_time_s`` and
+    ``tokens_per_s`` of this call (a call resumed at the final step trains nothing: its ``tokens_per_s`` is null)."""
     check_init_from(cfg.init_from)
     result = train(cfg, resume=resume, overwrite=overwrite)
     run_dir = pathlib.Path(result.run_dir)
@@ -98,7 +100,8 @@ def run_cpt(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) 
     keep = float(metrics["gate_keep"])
     out = {"base_ppl": base_ppl, "gated_ppl": gated_ppl, "gate_keep": keep, "eviction_ratio": 1.0 - keep,
            "unigram_ppl": result.unigram_ppl, "steps": result.final_step, "trainable": cfg.train.trainable,
-           "wall_time_s": result.wall_time_s, "tokens_per_s": result.tokens_per_s}
+           "steps_this_call": result.final_step - result.start_step, "wall_time_s": result.wall_time_s,
+           "tokens_per_s": result.tokens_per_s if math.isfinite(result.tokens_per_s) else None}
     if is_main:
         save_gates(run_dir / "gates", cfg.attention_gate, jax.device_get(params))
         (run_dir / RESULTS_FILE).write_text(json.dumps(out, indent=2) + "\n")
