@@ -51,9 +51,7 @@ from jaxeff.data.tasks import BookClassification, KJVBooksTask
 from jaxeff.methods.kv_eviction.attention_gate import (
     GATES_FILE,
     AttentionGate,
-    load_gates,
     save_gates,
-    with_gate_params,
 )
 from jaxeff.models.config import LMConfig
 from jaxeff.models.lm import DecoderLM
@@ -71,7 +69,7 @@ from jaxeff.training.loss import method_losses
 from jaxeff.training.metrics import TB_DIR, MetricsLogger, StepMetrics, read_metrics
 from jaxeff.training.optim import lr_schedule, make_optimizer
 from jaxeff.training.steps import abstract_state, init_state, replicated, state_shardings, trainable_mask
-from jaxeff.training.trainer import build_model_and_tokenizer, initialize_distributed
+from jaxeff.training.trainer import build_model_and_tokenizer, initialize_distributed, with_saved_gates
 
 ARMS = ("gated", "base")
 RESULTS_FILE = "results.json"
@@ -367,12 +365,7 @@ def _run_arm(cfg: SFTConfig, arm: str, mesh, resume: bool, is_main: bool) -> dic
     restored_step = ckpt.latest_step(run_dir) if (resume and trains) else None
     model, params0, tokenizer = build_model_and_tokenizer(tcfg, mesh, load_weights=restored_step is None)
     if gated and cfg.gates_from is not None and params0 is not None:
-        saved, gates = load_gates(resolve_gates_dir(cfg.gates_from), model.config)
-        if (saved.heads, saved.head_dim) != (cfg.attention_gate.heads, cfg.attention_gate.head_dim):
-            raise config_error("attention_gate.heads/head_dim", f"those of the gates in gates_from "
-                               f"({saved.heads} x {saved.head_dim})",
-                               (cfg.attention_gate.heads, cfg.attention_gate.head_dim))
-        params0 = with_gate_params(params0, gates)
+        params0 = with_saved_gates(cfg, model, params0)
     data = BookClassification(cfg.task, tokenizer, cfg.seed)
     eval_bs = loop.eval_bs
     test = data.test_arrays(multiple_of=eval_bs)

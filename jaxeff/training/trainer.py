@@ -154,7 +154,7 @@ def build_model_and_tokenizer(cfg: TrainConfig, mesh, load_weights: bool = True)
         if params is not None:  # pretrained base + freshly initialised (or saved) method parameters
             params = {**params, "methods": _init_methods(model, mesh, cfg.seed)}
             if cfg.gates_from is not None:
-                params = _with_saved_gates(cfg, model, params)
+                params = with_saved_gates(cfg, model, params)
     return model, params, tokenizer
 
 
@@ -171,8 +171,9 @@ def _init_methods(model: DecoderLM, mesh, seed: int) -> dict:
     return jax.jit(make, out_shardings=shd.tree_shardings(axes, abstract, mesh))(key)
 
 
-def _with_saved_gates(cfg: TrainConfig, model: DecoderLM, params: dict) -> dict:
-    """``params`` with the Attention-Gate parameters replaced by the saved gates of ``cfg.gates_from``."""
+def with_saved_gates(cfg, model: DecoderLM, params: dict) -> dict:
+    """``params`` with the Attention-Gate parameters replaced by the saved gates of ``cfg.gates_from`` (``cfg``: a
+    ``TrainConfig`` or an ``SFTConfig``; its ``attention_gate`` must have the saved gates' heads and head_dim)."""
     from jaxeff.methods.kv_eviction.attention_gate import load_gates, with_gate_params
     from jaxeff.training.sft import resolve_gates_dir
 
