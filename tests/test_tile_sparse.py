@@ -123,6 +123,27 @@ def test_kd_loss_is_zero_for_the_teacher_and_positive_for_a_sparse_student(dit):
     assert float(sum(jnp.sum(jnp.abs(g)) for g in jax.tree.leaves(grads))) > 0
 
 
+def test_guided_kd_loss_distils_the_guided_output(dit):
+    model, params, (z, t, text) = dit
+    full = TileSparseAttention((None, None), T, S)
+    loss, m = kd_loss(model, params, params, z, t, text, full, guidance_scale=2.0)
+    assert float(loss) == 0.0
+    sparse = TileSparseAttention((0, 0), T, S)
+    _, m = kd_loss(model, params, params, z, t, text, sparse, beta=0.0, guidance_scale=2.0)
+
+    def guided(hook):
+        cond = model.apply(params, z, t, text, self_attention=hook).sample
+        uncond = model.apply(params, z, t, jnp.zeros_like(text), self_attention=hook).sample
+        return uncond + 2.0 * (cond - uncond)
+
+    want = jnp.mean(jnp.square(guided(sparse) - guided(None)))
+    assert float(m["kd_final"]) == pytest.approx(float(want), rel=1e-5)
+    # the per-layer term covers both branches: it differs from the conditional branch's alone
+    _, m_g = kd_loss(model, params, params, z, t, text, sparse, alpha=0.0, guidance_scale=2.0)
+    _, m_c = kd_loss(model, params, params, z, t, text, sparse, alpha=0.0)
+    assert float(m_g["kd_attn"]) > 0 and float(m_g["kd_attn"]) != pytest.approx(float(m_c["kd_attn"]))
+
+
 def test_mask_search_thresholds(dit):
     model, params, (z, t, text) = dit
     calib = [(z, t, text)]
@@ -161,8 +182,8 @@ def test_pipeline_end_to_end_and_resume(tmp_path, monkeypatch):
     train_vdit(tiny_config(tmp_path / "teacher", steps=2))
     overrides = [f"teacher={tmp_path / 'teacher'}", f"output_dir={tmp_path / 'sparse'}", "search.threshold=.inf",
                  "search.calib_clips=2", "search.calib_timesteps=[500]", "kd.steps=2", "kd.batch_size=2",
-                 "kd.log_every=1", "kd.checkpoint_every=1", "eval.samples=4", "eval.sample_steps=2",
-                 "eval.batch_size=4", "eval.real_clips=16"]
+                 "kd.log_every=1", "kd.checkpoint_every=1", "kd.guided=true", "eval.samples=4",
+                 "eval.sample_steps=2", "eval.batch_size=4", "eval.real_clips=16"]
     cfg = load_config(TileSparseConfig, CONFIG.parent / "vdit_sparse_tiny.yaml", overrides)
     report = run_tile_sparse(cfg)
     assert report["layer_k"] == [1, 1]

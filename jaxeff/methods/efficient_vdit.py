@@ -117,6 +117,11 @@ class EfficientVDiTConfig:
     kd: KDConfig = KDConfig()
     eval: SparseEvalConfig = SparseEvalConfig()
 
+    def __post_init__(self):
+        if self.kd.guided:
+            raise config_error("kd.guided", "false (the stage-1 student samples without guidance; its guidance is "
+                               "baked in)", self.kd.guided)
+
     def consistency_config(self, out_dir: pathlib.Path) -> ConsistencyConfig:
         s = self.stage1
         g = s.guidance_scale if s.guidance_scale is not None else self.guidance_scale

@@ -72,7 +72,9 @@ class SearchConfig:
 @dataclasses.dataclass(frozen=True)
 class KDConfig:
     """Stage 3: distillation steps, batch, optimiser, loss weights (α final output, β per-layer attention
-    outputs, γ denoising loss on the data) and the timesteps the noised clips are drawn at."""
+    outputs, γ denoising loss on the data) and the timesteps the noised clips are drawn at. ``guided``: distil the
+    classifier-free-guided output at the sampler's guidance scale, every batch in both branches (no caption
+    dropout; ``jaxeff.methods.tile_sparse.distill``), instead of the branch caption dropout picks."""
 
     steps: int = 200
     batch_size: int = 8
@@ -84,6 +86,7 @@ class KDConfig:
     log_every: int = 10
     checkpoint_every: int = 100
     timesteps: Optional[tuple[int, ...]] = None  # the timesteps distilled at; null: uniform over the schedule
+    guided: bool = False
 
     def __post_init__(self):
         if self.timesteps is not None and not self.timesteps:
@@ -262,6 +265,9 @@ def distill_stage(cfg: TileSparseConfig, out_dir: pathlib.Path, model, teacher, 
         if bad:
             raise config_error("kd.timesteps", f"ints in [0, {sched.num_train_timesteps})", bad)
     kd_ts = None if kd.timesteps is None else jnp.asarray(kd.timesteps, jnp.int32)
+    guidance = tcfg.diffusion.guidance_scale if kd.guided else None
+    if kd.guided:
+        _say(f"[tile_sparse] guided distillation at guidance {guidance:g} (conditional and unconditional branches)")
     warmup = min(kd.warmup_steps, max(kd.steps - 1, 0))
     lr = optax.warmup_cosine_decay_schedule(0.0, kd.lr, warmup, max(kd.steps, 1), kd.lr * 0.1)
     tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(lr, weight_decay=0.0))
@@ -290,12 +296,14 @@ def distill_stage(cfg: TileSparseConfig, out_dir: pathlib.Path, model, teacher, 
             t = kd_ts[jax.random.randint(k_t, (B,), 0, kd_ts.shape[0])]
         noise = jax.random.normal(k_n, clips.shape)
         z = sched.add_noise(clips, noise, t)
-        keep = jax.random.bernoulli(k_d, 1.0 - tcfg.data.caption_dropout, (B,))
-        text = jnp.where(keep[:, None, None], text, 0.0)
+        if not kd.guided:  # guided: both branches of every clip
+            keep = jax.random.bernoulli(k_d, 1.0 - tcfg.data.caption_dropout, (B,))
+            text = jnp.where(keep[:, None, None], text, 0.0)
         target = sched.target(tcfg.diffusion.prediction, clips, noise, t)
         (loss, m), g = jax.value_and_grad(
             lambda p: kd_loss(model, p, teacher_params, z, t.astype(jnp.float32), text, sparse, alpha=kd.alpha,
-                              beta=kd.beta, gamma=kd.gamma, target=target), has_aux=True)(st["params"])
+                              beta=kd.beta, gamma=kd.gamma, target=target, guidance_scale=guidance),
+            has_aux=True)(st["params"])
         upd, opt = tx.update(g, st["opt_state"], st["params"])
         return {**st, "params": optax.apply_updates(st["params"], upd), "opt_state": opt,
                 "step": st["step"] + 1}, m
