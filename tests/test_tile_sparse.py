@@ -191,7 +191,7 @@ def test_pipeline_end_to_end_and_resume(tmp_path, monkeypatch):
     assert set(report["scores"]) == {"teacher", "sparse_no_kd", "student"}
     for s in report["scores"].values():
         assert np.isfinite(s["fd"]) and 0 <= s["caption_acc"] <= 1
-    assert report["output_rel_err_before_kd"] > 0
+    assert report["output_rel_err_before_kd"] > 0 and report["kd_guided"] is True
     out = tmp_path / "sparse"
     assert json.loads((out / "report.json").read_text())["layer_k"] == [1, 1]
     assert json.loads((out / "search.json").read_text())["threshold"] == float("inf")

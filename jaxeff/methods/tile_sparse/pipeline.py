@@ -407,7 +407,7 @@ def run_tile_sparse(cfg: TileSparseConfig, *, resume: bool = False, overwrite: b
         "teacher": cfg.teacher, "teacher_step": int(tstep), "layer_k": list(layer_k),
         "attention_sparsity": sparse.sparsity, "block_sparsity": sparse.block_sparsity,
         "block_size": sparse.block_size, "threshold": cfg.search.threshold,
-        "output_rel_err_before_kd": err_before, "output_rel_err_after_kd": err_after,
+        "output_rel_err_before_kd": err_before, "output_rel_err_after_kd": err_after, "kd_guided": kd.guided,
         "sample_steps": steps, "guidance_scale": tcfg.diffusion.guidance_scale, "samples": ev.samples,
         "scores": scores,
         "fd_change_vs_teacher": (scores["student"]["fd"] - fd_t) / fd_t if fd_t > 0 else float("nan"),
