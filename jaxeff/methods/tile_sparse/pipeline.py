@@ -192,10 +192,13 @@ def make_output_error(model, sparse, tcfg, batch_size: int):
 
 def in_batches(one, batch_size: int):
     """``fn(params, text, z_T) -> clips``: the jitted ``one(params, text_batch, z_batch)`` over host arrays in
-    batches of ``batch_size``, concatenated on the host."""
+    batches of ``batch_size``, concatenated on the host (a progress bar on stderr when there are several batches)."""
     def fn(params, text: np.ndarray, z_T: np.ndarray) -> np.ndarray:
+        starts = range(0, len(text), batch_size)
+        bar = tqdm(starts, desc="sampling", unit="batch", file=sys.stderr, leave=False, dynamic_ncols=True,
+                   disable=len(starts) < 2)
         outs = [np.asarray(one(params, jnp.asarray(text[i:i + batch_size]), jnp.asarray(z_T[i:i + batch_size])))
-                for i in range(0, len(text), batch_size)]
+                for i in bar]
         return np.concatenate(outs)
 
     return fn
