@@ -5,7 +5,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxeff.diffusion import NoiseSchedule, ddim_project, ddim_sample, ddim_step, ddim_timesteps
+from jaxeff.diffusion import (
+    NoiseSchedule,
+    ddim_prev_timesteps,
+    ddim_project,
+    ddim_sample,
+    ddim_step,
+    ddim_timesteps,
+    ddim_trajectory,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -69,6 +77,24 @@ def test_ddim_matches_diffusers(schedule, prediction, spacing, eta):
                         prediction=prediction, eta=eta, noise=jnp.asarray(noise))
         np.testing.assert_allclose(np.asarray(got), want, atol=1e-6)
         z = want
+
+
+def test_ddim_trajectory_lists_the_states_ddim_sample_visits():
+    sched = NoiseSchedule.create("cosine")
+    denoise = lambda z, t: jnp.sin(z) + 1e-3 * t[:, None, None]  # any denoiser that depends on z and t
+    z_T = jax.random.normal(jax.random.key(0), (2, 3, 4))
+    zs, ts = ddim_trajectory(denoise, z_T, sched, 4, prediction="epsilon")
+    assert zs.shape == (4, 2, 3, 4)
+    np.testing.assert_array_equal(ts, ddim_timesteps(4, spacing="trailing"))
+    np.testing.assert_array_equal(np.asarray(zs[0]), np.asarray(z_T))
+    prev = ddim_prev_timesteps(ts)
+    z = z_T
+    for i, (t, s) in enumerate(zip(ts, prev)):
+        np.testing.assert_allclose(np.asarray(zs[i]), np.asarray(z), rtol=1e-5, atol=1e-6)
+        tb = jnp.full((2,), t)
+        z = ddim_step(sched, denoise(z, tb), tb, jnp.full((2,), s), z, prediction="epsilon")
+    final = ddim_sample(denoise, z_T, sched, 4, prediction="epsilon", return_x0=False)
+    np.testing.assert_allclose(np.asarray(final), np.asarray(z), rtol=1e-5, atol=1e-6)
 
 
 def test_ddim_sample_of_exact_denoiser_returns_the_data_point():

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from jaxeff.attention.tile_masks import VideoTokenLayout, attention_tile_mask, attention_tile_sparsity
-from jaxeff.config import load_config
+from jaxeff.config import ConfigError, load_config
 from jaxeff.methods.tile_sparse import (
     TileSparseAttention,
     kd_loss,
@@ -17,7 +17,7 @@ from jaxeff.methods.tile_sparse import (
     search_layer_k,
     uniform,
 )
-from jaxeff.methods.tile_sparse.pipeline import TileSparseConfig, run_tile_sparse
+from jaxeff.methods.tile_sparse.pipeline import KDConfig, TileSparseConfig, run_tile_sparse
 from jaxeff.models.vdit import VDiTConfig, VideoDiT, dense_self_attention
 from jaxeff.training.vdit import train_vdit
 from tests.vdit_tiny import CONFIG, FRAMES, TOKENS_PER_FRAME, tiny_config
@@ -201,6 +201,25 @@ def test_pipeline_end_to_end_and_resume(tmp_path, monkeypatch):
     again = run_tile_sparse(cfg, resume=True)
     assert again["output_rel_err_after_kd"] == report["output_rel_err_after_kd"]
     assert again["scores"]["student"]["fd"] == report["scores"]["student"]["fd"]
+    # distillation on the teacher's own sampling trajectories
+    traj = load_config(TileSparseConfig, CONFIG.parent / "vdit_sparse_tiny.yaml", overrides + [
+        f"output_dir={tmp_path / 'sparse_traj'}", "kd.source=trajectory", "kd.trajectory_clips=2", "kd.guided=false",
+        "eval.sample_no_kd=false"])
+    report = run_tile_sparse(traj)
+    assert report["kd_source"] == "trajectory" and set(report["scores"]) == {"teacher", "student"}
+    assert np.isfinite(report["output_rel_err_after_kd"])
+    assert report["output_rel_err_after_kd"] != report["output_rel_err_before_kd"]  # the student was trained
+
+
+def test_kd_config_errors():
+    with pytest.raises(ConfigError, match="kd.source"):
+        KDConfig(source="noise")
+    with pytest.raises(ConfigError, match="kd.gamma"):
+        KDConfig(source="trajectory", gamma=1.0)
+    with pytest.raises(ConfigError, match="kd.timesteps"):
+        KDConfig(source="trajectory", timesteps=(500,))
+    with pytest.raises(ConfigError, match="kd.trajectory_clips"):
+        KDConfig(source="trajectory", trajectory_clips=0)
 
 
 def test_layout_padding_roundtrip():

@@ -15,7 +15,7 @@ from jaxeff.diffusion.consistency import (
     tlcm_subset,
     tlcm_timesteps,
 )
-from jaxeff.diffusion.sampling import ddim_sample
+from jaxeff.diffusion.sampling import ddim_sample, ddim_trajectory
 from jaxeff.diffusion.schedule import (
     NoiseSchedule,
     cosine_alphas_cumprod,
@@ -44,6 +44,7 @@ __all__ = [
     "ddim_prev_timesteps",
     "ddim_project",
     "ddim_sample",
+    "ddim_trajectory",
     "ddim_step",
     "ddim_timesteps",
     "scaled_linear_alphas_cumprod",

@@ -26,6 +26,28 @@ def ddim_sample(denoise: Denoiser, z_T: jax.Array, sched: NoiseSchedule, num_ste
     ``spacing="trailing"`` starts at the last training timestep (the choice for schedules whose final ᾱ is near 0,
     such as ``cosine``); ``"leading"`` is Stable Diffusion's. With ``return_x0`` the last step outputs the model's
     x̂ at the last timestep (identical to the DDIM update when ``final_alpha_cumprod == 1``)."""
+    z_final, x_hats, _ = _ddim_scan(denoise, z_T, sched, num_steps, prediction=prediction, eta=eta, rng=rng,
+                                    spacing=spacing, steps_offset=steps_offset, clip_sample=clip_sample,
+                                    keep_states=False)
+    if return_x0:
+        x0 = x_hats[-1]
+        return jnp.clip(x0, -clip_sample, clip_sample) if clip_sample is not None else x0
+    return z_final
+
+
+def ddim_trajectory(denoise: Denoiser, z_T: jax.Array, sched: NoiseSchedule, num_steps: int, *,
+                    prediction: str = "epsilon", spacing: str = "trailing",
+                    steps_offset: int = 1) -> tuple[jax.Array, np.ndarray]:
+    """The states a ``num_steps``-step DDIM (η = 0) sampler visits: ``(z, t)`` with ``z [num_steps, B, ...]`` the
+    input of each step (``z[0] == z_T``) and ``t [num_steps]`` its timestep, the same run as ``ddim_sample``."""
+    _, _, states = _ddim_scan(denoise, z_T, sched, num_steps, prediction=prediction, eta=0.0, rng=None,
+                              spacing=spacing, steps_offset=steps_offset, clip_sample=None, keep_states=True)
+    return states, ddim_timesteps(num_steps, sched.num_train_timesteps, spacing, steps_offset)
+
+
+def _ddim_scan(denoise, z_T, sched, num_steps, *, prediction, eta, rng, spacing, steps_offset, clip_sample,
+               keep_states):
+    """``(z_final, x̂ per step, the input state of each step or None)`` of a DDIM run."""
     check_prediction(prediction)
     if eta > 0 and rng is None:
         raise ValueError("ddim_sample: eta > 0 needs an rng for the variance noise")
@@ -42,14 +64,11 @@ def ddim_sample(denoise: Denoiser, z_T: jax.Array, sched: NoiseSchedule, num_ste
         z_next = ddim_step(sched, out, tb, jnp.full((B,), s, jnp.int32), z, prediction=prediction, eta=eta,
                            noise=noise, clip_sample=clip_sample)
         x_hat, _ = sched.to_x_eps(prediction, out, z, tb)
-        return z_next, x_hat
+        return z_next, (x_hat, z if keep_states else None)
 
     xs = (jnp.asarray(ts, jnp.int32), jnp.asarray(prev, jnp.int32), keys)
-    z_final, x_hats = jax.lax.scan(body, z_T, xs)
-    if return_x0:
-        x0 = x_hats[-1]
-        return jnp.clip(x0, -clip_sample, clip_sample) if clip_sample is not None else x0
-    return z_final
+    z_final, (x_hats, states) = jax.lax.scan(body, z_T, xs)
+    return z_final, x_hats, states
 
 
 def sampling_steps_summary(num_steps: int, num_train_timesteps: int = 1000, spacing: str = "trailing") -> str:

@@ -121,6 +121,10 @@ class EfficientVDiTConfig:
         if self.kd.guided:
             raise config_error("kd.guided", "false (the stage-1 student samples without guidance; its guidance is "
                                "baked in)", self.kd.guided)
+        if self.kd.source != "data":
+            raise config_error("kd.source", "'data' (the stage-1 student is distilled at its own sampling "
+                               "timesteps; trajectory distillation follows the DDIM sampler of train.vdit_sparse)",
+                               self.kd.source)
 
     def consistency_config(self, out_dir: pathlib.Path) -> ConsistencyConfig:
         s = self.stage1

@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from jaxeff import sharding as shd
 from jaxeff.config import ConfigError, config_error, to_dict
+from jaxeff.diffusion.schedule import ddim_timesteps
 from jaxeff.methods.tile_sparse.attention import TileSparseAttention
 from jaxeff.methods.tile_sparse.distill import kd_loss
 from jaxeff.methods.tile_sparse.search import SearchResult, search_layer_k
@@ -74,7 +75,12 @@ class KDConfig:
     """Stage 3: distillation steps, batch, optimiser, loss weights (α final output, β per-layer attention
     outputs, γ denoising loss on the data) and the timesteps the noised clips are drawn at. ``guided``: distil the
     classifier-free-guided output at the sampler's guidance scale, every batch in both branches (no caption
-    dropout; ``jaxeff.methods.tile_sparse.distill``), instead of the branch caption dropout picks."""
+    dropout; ``jaxeff.methods.tile_sparse.distill``), instead of the branch caption dropout picks.
+
+    ``source``: where the distilled states come from. ``data``: training clips noised to a timestep (uniform, or
+    drawn from ``timesteps``). ``trajectory``: the states the teacher's own guided DDIM sampler visits, from
+    ``trajectory_clips`` noise draws with training captions at ``trajectory_steps`` steps (null: the evaluation's
+    sampler), generated once before distillation: the student learns on the inputs it meets when sampling."""
 
     steps: int = 200
     batch_size: int = 8
@@ -87,8 +93,24 @@ class KDConfig:
     checkpoint_every: int = 100
     timesteps: Optional[tuple[int, ...]] = None  # the timesteps distilled at; null: uniform over the schedule
     guided: bool = False
+    source: str = "data"
+    trajectory_clips: int = 64
+    trajectory_steps: Optional[int] = None
 
     def __post_init__(self):
+        if self.source not in ("data", "trajectory"):
+            raise config_error("kd.source", "'data' or 'trajectory'", self.source)
+        if self.source == "trajectory":
+            if self.gamma > 0:
+                raise config_error("kd.gamma", "0 with kd.source=trajectory (sampler states have no data target)",
+                                   self.gamma)
+            if self.timesteps is not None:
+                raise config_error("kd.timesteps", "null with kd.source=trajectory (the sampler's timesteps are used)",
+                                   self.timesteps)
+            if self.trajectory_clips <= 0:
+                raise config_error("kd.trajectory_clips", "a positive int", self.trajectory_clips)
+            if self.trajectory_steps is not None and self.trajectory_steps < 1:
+                raise config_error("kd.trajectory_steps", "null or a positive int", self.trajectory_steps)
         if self.timesteps is not None and not self.timesteps:
             raise config_error("kd.timesteps", "null or at least one timestep", self.timesteps)
         for name in ("batch_size", "log_every"):
@@ -214,6 +236,32 @@ def make_generator(model, tcfg, steps: int, sparse, batch_size: int):
     return in_batches(one, batch_size)
 
 
+def teacher_trajectories(model, teacher, tcfg, source: ClipSource, num_clips: int, steps: int, batch_size: int,
+                         seed: int):
+    """``(z [N, steps, C, T, H, W], t [steps], text [N, L, D])``: every state the teacher's guided DDIM sampler
+    (``steps`` steps) visits from ``num_clips`` noise draws (seed ``[seed, 6]``) with training-distribution captions
+    (the distillation data's seed ``data.seed + 4``)."""
+    from jaxeff.data.video import embed_captions, moving_shapes
+    from jaxeff.diffusion.sampling import ddim_trajectory
+    from jaxeff.training.vdit import make_denoiser
+
+    sched, d = tcfg.diffusion.noise_schedule(), tcfg.diffusion
+    _, captions, _ = moving_shapes(source.shapes, np.arange(num_clips), seed=tcfg.data.seed + 4)
+    text = embed_captions(captions, source.table)
+    z_T = np.random.default_rng([seed, 6]).standard_normal(
+        (num_clips, tcfg.model.in_channels, tcfg.data.frames, tcfg.data.size, tcfg.data.size)).astype(np.float32)
+
+    @jax.jit
+    def one(p, tx, z):
+        denoise = make_denoiser(model, p, tx, jnp.zeros_like(tx), d.guidance_scale)
+        zs, _ = ddim_trajectory(denoise, z, sched, steps, prediction=d.prediction, spacing=d.sample_spacing)
+        return jnp.swapaxes(zs, 0, 1)
+
+    zs = in_batches(one, batch_size)(teacher, text, z_T)
+    ts = ddim_timesteps(steps, sched.num_train_timesteps, d.sample_spacing)
+    return zs, np.asarray(ts, np.int32), text
+
+
 def prepare_output_dir(out_dir: pathlib.Path, finished: str, *, resume: bool, overwrite: bool,
                        names=("checkpoints", "tb", "search.json", "report.json", "metrics.jsonl")) -> None:
     """Refuses to reuse a finished run unless resuming or overwriting; ``overwrite`` removes ``names``."""
@@ -289,20 +337,29 @@ def distill_stage(cfg: TileSparseConfig, out_dir: pathlib.Path, model, teacher, 
         _say(f"[tile_sparse] distillation resumed at step {start}")
     logger = MetricsLogger(out_dir, resume_step=start if start else None)
 
-    def step_fn(st, teacher_params, clips, text):
+    def step_fn(st, teacher_params, clips, text, pool_t=None):
+        """One distillation step on a batch of clips (``kd.source=data``) or, with ``pool_t``, on ``kd.batch_size``
+        states drawn from the trajectory pool ``clips [N, steps, ...]`` (captions ``text [N, L, D]``)."""
         key = jax.random.fold_in(jax.random.wrap_key_data(st["rng"]), st["step"])
         k_t, k_n, k_d = jax.random.split(key, 3)
-        B = clips.shape[0]
-        if kd_ts is None:
-            t = jax.random.randint(k_t, (B,), 0, sched.num_train_timesteps)
+        target = None
+        if pool_t is not None:
+            B = kd.batch_size
+            i = jax.random.randint(k_n, (B,), 0, clips.shape[0])
+            j = jax.random.randint(k_t, (B,), 0, clips.shape[1])
+            z, t, text = clips[i, j], pool_t[j], text[i]
         else:
-            t = kd_ts[jax.random.randint(k_t, (B,), 0, kd_ts.shape[0])]
-        noise = jax.random.normal(k_n, clips.shape)
-        z = sched.add_noise(clips, noise, t)
+            B = clips.shape[0]
+            if kd_ts is None:
+                t = jax.random.randint(k_t, (B,), 0, sched.num_train_timesteps)
+            else:
+                t = kd_ts[jax.random.randint(k_t, (B,), 0, kd_ts.shape[0])]
+            noise = jax.random.normal(k_n, clips.shape)
+            z = sched.add_noise(clips, noise, t)
+            target = sched.target(tcfg.diffusion.prediction, clips, noise, t)
         if not kd.guided:  # guided: both branches of every clip
             keep = jax.random.bernoulli(k_d, 1.0 - tcfg.data.caption_dropout, (B,))
             text = jnp.where(keep[:, None, None], text, 0.0)
-        target = sched.target(tcfg.diffusion.prediction, clips, noise, t)
         (loss, m), g = jax.value_and_grad(
             lambda p: kd_loss(model, p, teacher_params, z, t.astype(jnp.float32), text, sparse, alpha=kd.alpha,
                               beta=kd.beta, gamma=kd.gamma, target=target, guidance_scale=guidance),
@@ -315,13 +372,24 @@ def distill_stage(cfg: TileSparseConfig, out_dir: pathlib.Path, model, teacher, 
         train = jax.jit(step_fn, donate_argnums=(0,), out_shardings=(sh, rep))
         bar = tqdm(total=kd.steps, initial=start, desc="distill", file=sys.stderr, dynamic_ncols=True,
                    mininterval=1.0)
+        if kd.source == "trajectory":
+            steps = kd.trajectory_steps or cfg.eval.sample_steps or tcfg.diffusion.sample_steps
+            t_p = time.time()
+            z_pool, t_pool, text_pool = teacher_trajectories(model, teacher, tcfg, source, kd.trajectory_clips,
+                                                             steps, cfg.eval.batch_size, cfg.seed)
+            pool = (jnp.asarray(z_pool), jnp.asarray(text_pool), jnp.asarray(t_pool))
+            _say(f"[tile_sparse] distilling on the teacher's sampling trajectories: {kd.trajectory_clips} clips x "
+                 f"{steps} states ({time.time() - t_p:.1f} s)")
         t_kd = time.time()
         # Distillation clips: the training distribution from seed data.seed + 4 (never the evaluation clips).
         kd_source = ClipSource(dataclasses.replace(tcfg, data=dataclasses.replace(tcfg.data,
                                                                                  seed=tcfg.data.seed + 4)))
         for s in range(start + 1, kd.steps + 1):
-            clips, text = kd_source.train_batch(s - 1, kd.batch_size)
-            state, m = train(state, teacher, jnp.asarray(clips), jnp.asarray(text))
+            if kd.source == "trajectory":
+                state, m = train(state, teacher, *pool)
+            else:
+                clips, text = kd_source.train_batch(s - 1, kd.batch_size)
+                state, m = train(state, teacher, jnp.asarray(clips), jnp.asarray(text))
             if s % kd.log_every == 0 or s == kd.steps:
                 m = {k: float(v) for k, v in jax.device_get(m).items()}
                 logger.log("train", s, m)
@@ -411,6 +479,7 @@ def run_tile_sparse(cfg: TileSparseConfig, *, resume: bool = False, overwrite: b
         "attention_sparsity": sparse.sparsity, "block_sparsity": sparse.block_sparsity,
         "block_size": sparse.block_size, "threshold": cfg.search.threshold,
         "output_rel_err_before_kd": err_before, "output_rel_err_after_kd": err_after, "kd_guided": kd.guided,
+        "kd_source": kd.source,
         "sample_steps": steps, "guidance_scale": tcfg.diffusion.guidance_scale, "samples": ev.samples,
         "scores": scores,
         "fd_change_vs_teacher": (scores["student"]["fd"] - fd_t) / fd_t if fd_t > 0 else float("nan"),
