@@ -96,7 +96,7 @@ def test_student_timesteps_and_passes(teacher_dir):
     (["sample_steps=3"], "num_steps"),      # a 2-segment MCD student samples with 1 or 2 steps
     (["kd.timesteps=[]"], "kd.timesteps"),
     (["kd.guided=true"], "kd.guided"),     # the stage-1 student samples without guidance
-    (["kd.source=trajectory"], "kd.source"),  # its sampler is not DDIM
+    (["kd.source=teacher_trajectory"], "kd.source"),  # its sampler is not DDIM
 ])
 def test_config_errors(teacher_dir, override, match):
     with pytest.raises((ConfigError, ValueError), match=match):

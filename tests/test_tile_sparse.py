@@ -17,7 +17,7 @@ from jaxeff.methods.tile_sparse import (
     search_layer_k,
     uniform,
 )
-from jaxeff.methods.tile_sparse.pipeline import KDConfig, TileSparseConfig, run_tile_sparse
+from jaxeff.methods.tile_sparse.pipeline import KDConfig, TileSparseConfig, make_trajectory_pool, run_tile_sparse
 from jaxeff.models.vdit import VDiTConfig, VideoDiT, dense_self_attention
 from jaxeff.training.vdit import train_vdit
 from tests.vdit_tiny import CONFIG, FRAMES, TOKENS_PER_FRAME, tiny_config
@@ -201,25 +201,48 @@ def test_pipeline_end_to_end_and_resume(tmp_path, monkeypatch):
     again = run_tile_sparse(cfg, resume=True)
     assert again["output_rel_err_after_kd"] == report["output_rel_err_after_kd"]
     assert again["scores"]["student"]["fd"] == report["scores"]["student"]["fd"]
-    # distillation on the teacher's own sampling trajectories
+    # on-policy distillation: the student's own sampling trajectories, regenerated every step
     traj = load_config(TileSparseConfig, CONFIG.parent / "vdit_sparse_tiny.yaml", overrides + [
-        f"output_dir={tmp_path / 'sparse_traj'}", "kd.source=trajectory", "kd.trajectory_clips=2", "kd.guided=false",
-        "eval.sample_no_kd=false"])
+        f"output_dir={tmp_path / 'sparse_traj'}", "kd.source=student_trajectory", "kd.trajectory_clips=2",
+        "kd.trajectory_refresh=1", "kd.guided=false", "eval.sample_no_kd=false"])
     report = run_tile_sparse(traj)
-    assert report["kd_source"] == "trajectory" and set(report["scores"]) == {"teacher", "student"}
+    assert report["kd_source"] == "student_trajectory" and set(report["scores"]) == {"teacher", "student"}
     assert np.isfinite(report["output_rel_err_after_kd"])
     assert report["output_rel_err_after_kd"] != report["output_rel_err_before_kd"]  # the student was trained
+
+
+def test_trajectory_pool_holds_the_states_of_the_guided_sampler(dit):
+    from jaxeff.data.video import embed_captions, moving_shapes
+    from jaxeff.diffusion import ddim_trajectory, ddim_timesteps
+    from jaxeff.training.vdit import ClipSource, make_denoiser
+
+    model, params, _ = dit
+    tcfg = tiny_config("unused")
+    source = ClipSource(tcfg)
+    pool = make_trajectory_pool(model, tcfg, source, num_clips=2, steps=3, self_attention=None, batch_size=1, seed=0)
+    z, t, text = pool(params, 0)
+    assert z.shape == (2, 3, 3, T, 16, 16) and text.shape[0] == 2
+    np.testing.assert_array_equal(t, ddim_timesteps(3, spacing=tcfg.diffusion.sample_spacing))
+    _, captions, _ = moving_shapes(source.shapes, np.arange(2), seed=tcfg.data.seed + 4)
+    np.testing.assert_array_equal(text, embed_captions(captions, source.table))
+    d = tcfg.diffusion
+    denoise = make_denoiser(model, params, jnp.asarray(text), jnp.zeros_like(jnp.asarray(text)), d.guidance_scale)
+    want, _ = ddim_trajectory(denoise, jnp.asarray(z[:, 0]), d.noise_schedule(), 3, prediction=d.prediction,
+                              spacing=d.sample_spacing)
+    np.testing.assert_allclose(z, np.swapaxes(np.asarray(want), 0, 1), rtol=1e-4, atol=1e-4)
+    z1, _, text1 = pool(params, 1)  # another round: fresh noise and captions
+    assert not np.allclose(z1[:, 0], z[:, 0]) and not np.array_equal(text1, text)
 
 
 def test_kd_config_errors():
     with pytest.raises(ConfigError, match="kd.source"):
         KDConfig(source="noise")
     with pytest.raises(ConfigError, match="kd.gamma"):
-        KDConfig(source="trajectory", gamma=1.0)
+        KDConfig(source="teacher_trajectory", gamma=1.0)
     with pytest.raises(ConfigError, match="kd.timesteps"):
-        KDConfig(source="trajectory", timesteps=(500,))
+        KDConfig(source="teacher_trajectory", timesteps=(500,))
     with pytest.raises(ConfigError, match="kd.trajectory_clips"):
-        KDConfig(source="trajectory", trajectory_clips=0)
+        KDConfig(source="teacher_trajectory", trajectory_clips=0)
 
 
 def test_layout_padding_roundtrip():

@@ -70,6 +70,9 @@ class SearchConfig:
             raise config_error("search.calib_timesteps", "at least one timestep", self.calib_timesteps)
 
 
+KD_SOURCES = ("data", "teacher_trajectory", "student_trajectory")
+
+
 @dataclasses.dataclass(frozen=True)
 class KDConfig:
     """Stage 3: distillation steps, batch, optimiser, loss weights (α final output, β per-layer attention
@@ -78,9 +81,12 @@ class KDConfig:
     dropout; ``jaxeff.methods.tile_sparse.distill``), instead of the branch caption dropout picks.
 
     ``source``: where the distilled states come from. ``data``: training clips noised to a timestep (uniform, or
-    drawn from ``timesteps``). ``trajectory``: the states the teacher's own guided DDIM sampler visits, from
+    drawn from ``timesteps``). ``teacher_trajectory``: the states the teacher's guided DDIM sampler visits, from
     ``trajectory_clips`` noise draws with training captions at ``trajectory_steps`` steps (null: the evaluation's
-    sampler), generated once before distillation: the student learns on the inputs it meets when sampling."""
+    sampler), generated once before distillation. ``student_trajectory``: the same from the sparse student's own
+    sampler, regenerated from the current student every ``trajectory_refresh`` steps with fresh noise and captions
+    (on-policy: the student learns the teacher's output on the states its own errors lead it to). The teacher's
+    output is the target in every case."""
 
     steps: int = 200
     batch_size: int = 8
@@ -96,17 +102,20 @@ class KDConfig:
     source: str = "data"
     trajectory_clips: int = 64
     trajectory_steps: Optional[int] = None
+    trajectory_refresh: int = 50
 
     def __post_init__(self):
-        if self.source not in ("data", "trajectory"):
-            raise config_error("kd.source", "'data' or 'trajectory'", self.source)
-        if self.source == "trajectory":
+        if self.source not in KD_SOURCES:
+            raise config_error("kd.source", f"one of {KD_SOURCES}", self.source)
+        if self.source != "data":
             if self.gamma > 0:
-                raise config_error("kd.gamma", "0 with kd.source=trajectory (sampler states have no data target)",
+                raise config_error("kd.gamma", f"0 with kd.source={self.source} (sampler states have no data target)",
                                    self.gamma)
             if self.timesteps is not None:
-                raise config_error("kd.timesteps", "null with kd.source=trajectory (the sampler's timesteps are used)",
-                                   self.timesteps)
+                raise config_error("kd.timesteps", f"null with kd.source={self.source} (the sampler's timesteps are "
+                                   "used)", self.timesteps)
+            if self.trajectory_refresh <= 0:
+                raise config_error("kd.trajectory_refresh", "a positive int", self.trajectory_refresh)
             if self.trajectory_clips <= 0:
                 raise config_error("kd.trajectory_clips", "a positive int", self.trajectory_clips)
             if self.trajectory_steps is not None and self.trajectory_steps < 1:
@@ -236,30 +245,36 @@ def make_generator(model, tcfg, steps: int, sparse, batch_size: int):
     return in_batches(one, batch_size)
 
 
-def teacher_trajectories(model, teacher, tcfg, source: ClipSource, num_clips: int, steps: int, batch_size: int,
-                         seed: int):
-    """``(z [N, steps, C, T, H, W], t [steps], text [N, L, D])``: every state the teacher's guided DDIM sampler
-    (``steps`` steps) visits from ``num_clips`` noise draws (seed ``[seed, 6]``) with training-distribution captions
-    (the distillation data's seed ``data.seed + 4``)."""
+def make_trajectory_pool(model, tcfg, source: ClipSource, num_clips: int, steps: int, self_attention,
+                         batch_size: int, seed: int):
+    """``fn(params, round) -> (z [N, steps, C, T, H, W], t [steps], text [N, L, D])``: every state a guided
+    ``steps``-step DDIM sampler with ``params`` and the ``self_attention`` hook visits from ``num_clips`` noise draws
+    (seed ``[seed, 6, round]``) with training-distribution captions (clips ``round * N ...`` of the distillation
+    data's seed ``data.seed + 4``). One compilation serves every call."""
     from jaxeff.data.video import embed_captions, moving_shapes
     from jaxeff.diffusion.sampling import ddim_trajectory
     from jaxeff.training.vdit import make_denoiser
 
     sched, d = tcfg.diffusion.noise_schedule(), tcfg.diffusion
-    _, captions, _ = moving_shapes(source.shapes, np.arange(num_clips), seed=tcfg.data.seed + 4)
-    text = embed_captions(captions, source.table)
-    z_T = np.random.default_rng([seed, 6]).standard_normal(
-        (num_clips, tcfg.model.in_channels, tcfg.data.frames, tcfg.data.size, tcfg.data.size)).astype(np.float32)
+    ts = np.asarray(ddim_timesteps(steps, sched.num_train_timesteps, d.sample_spacing), np.int32)
 
     @jax.jit
     def one(p, tx, z):
-        denoise = make_denoiser(model, p, tx, jnp.zeros_like(tx), d.guidance_scale)
+        denoise = make_denoiser(model, p, tx, jnp.zeros_like(tx), d.guidance_scale, self_attention)
         zs, _ = ddim_trajectory(denoise, z, sched, steps, prediction=d.prediction, spacing=d.sample_spacing)
         return jnp.swapaxes(zs, 0, 1)
 
-    zs = in_batches(one, batch_size)(teacher, text, z_T)
-    ts = ddim_timesteps(steps, sched.num_train_timesteps, d.sample_spacing)
-    return zs, np.asarray(ts, np.int32), text
+    batched = in_batches(one, batch_size)
+
+    def fn(params, round_: int = 0):
+        _, captions, _ = moving_shapes(source.shapes, np.arange(round_ * num_clips, (round_ + 1) * num_clips),
+                                       seed=tcfg.data.seed + 4)
+        text = embed_captions(captions, source.table)
+        z_T = np.random.default_rng([seed, 6, round_]).standard_normal(
+            (num_clips, tcfg.model.in_channels, tcfg.data.frames, tcfg.data.size, tcfg.data.size)).astype(np.float32)
+        return batched(params, text, z_T), ts, text
+
+    return fn
 
 
 def prepare_output_dir(out_dir: pathlib.Path, finished: str, *, resume: bool, overwrite: bool,
@@ -370,22 +385,31 @@ def distill_stage(cfg: TileSparseConfig, out_dir: pathlib.Path, model, teacher, 
 
     if kd.steps > start:
         train = jax.jit(step_fn, donate_argnums=(0,), out_shardings=(sh, rep))
+        if kd.source != "data":
+            steps = kd.trajectory_steps or cfg.eval.sample_steps or tcfg.diffusion.sample_steps
+            on_student = kd.source == "student_trajectory"
+            pool_fn = make_trajectory_pool(model, tcfg, source, kd.trajectory_clips, steps,
+                                           sparse if on_student else None, cfg.eval.batch_size, cfg.seed)
+
+            def refresh(params, round_):
+                t_p = time.time()
+                z_pool, t_pool, text_pool = pool_fn(params, round_)
+                _say(f"[tile_sparse] distillation states: the {'student' if on_student else 'teacher'}'s sampling "
+                     f"trajectories, {kd.trajectory_clips} clips x {steps} states ({time.time() - t_p:.1f} s)")
+                return jnp.asarray(z_pool), jnp.asarray(text_pool), jnp.asarray(t_pool)
+
+            every = kd.trajectory_refresh if on_student else None
+            pool = refresh(state["params"] if on_student else teacher, start // every if every else 0)
         bar = tqdm(total=kd.steps, initial=start, desc="distill", file=sys.stderr, dynamic_ncols=True,
                    mininterval=1.0)
-        if kd.source == "trajectory":
-            steps = kd.trajectory_steps or cfg.eval.sample_steps or tcfg.diffusion.sample_steps
-            t_p = time.time()
-            z_pool, t_pool, text_pool = teacher_trajectories(model, teacher, tcfg, source, kd.trajectory_clips,
-                                                             steps, cfg.eval.batch_size, cfg.seed)
-            pool = (jnp.asarray(z_pool), jnp.asarray(text_pool), jnp.asarray(t_pool))
-            _say(f"[tile_sparse] distilling on the teacher's sampling trajectories: {kd.trajectory_clips} clips x "
-                 f"{steps} states ({time.time() - t_p:.1f} s)")
         t_kd = time.time()
         # Distillation clips: the training distribution from seed data.seed + 4 (never the evaluation clips).
         kd_source = ClipSource(dataclasses.replace(tcfg, data=dataclasses.replace(tcfg.data,
                                                                                  seed=tcfg.data.seed + 4)))
         for s in range(start + 1, kd.steps + 1):
-            if kd.source == "trajectory":
+            if kd.source != "data":
+                if every and s > start + 1 and (s - 1) % every == 0:
+                    pool = refresh(state["params"], (s - 1) // every)
                 state, m = train(state, teacher, *pool)
             else:
                 clips, text = kd_source.train_batch(s - 1, kd.batch_size)
