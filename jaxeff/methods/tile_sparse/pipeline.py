@@ -245,6 +245,13 @@ def make_generator(model, tcfg, steps: int, sparse, batch_size: int):
     return in_batches(one, batch_size)
 
 
+def latent_noise(tcfg, num: int, seed_seq) -> np.ndarray:
+    """``num`` standard-normal starting latents ``[num, C, T, H, W]`` of the teacher run ``tcfg``'s clip shape,
+    drawn from ``np.random.default_rng(seed_seq)``."""
+    shape = (num, tcfg.model.in_channels, tcfg.data.frames, tcfg.data.size, tcfg.data.size)
+    return np.random.default_rng(seed_seq).standard_normal(shape).astype(np.float32)
+
+
 def make_trajectory_pool(model, tcfg, source: ClipSource, num_clips: int, steps: int, self_attention,
                          batch_size: int, seed: int):
     """``fn(params, round) -> (z [N, steps, C, T, H, W], t [steps], text [N, L, D])``: every state a guided
@@ -270,9 +277,7 @@ def make_trajectory_pool(model, tcfg, source: ClipSource, num_clips: int, steps:
         _, captions, _ = moving_shapes(source.shapes, np.arange(round_ * num_clips, (round_ + 1) * num_clips),
                                        seed=tcfg.data.seed + 4)
         text = embed_captions(captions, source.table)
-        z_T = np.random.default_rng([seed, 6, round_]).standard_normal(
-            (num_clips, tcfg.model.in_channels, tcfg.data.frames, tcfg.data.size, tcfg.data.size)).astype(np.float32)
-        return batched(params, text, z_T), ts, text
+        return batched(params, text, latent_noise(tcfg, num_clips, [seed, 6, round_])), ts, text
 
     return fn
 
@@ -403,9 +408,10 @@ def distill_stage(cfg: TileSparseConfig, out_dir: pathlib.Path, model, teacher, 
         bar = tqdm(total=kd.steps, initial=start, desc="distill", file=sys.stderr, dynamic_ncols=True,
                    mininterval=1.0)
         t_kd = time.time()
-        # Distillation clips: the training distribution from seed data.seed + 4 (never the evaluation clips).
-        kd_source = ClipSource(dataclasses.replace(tcfg, data=dataclasses.replace(tcfg.data,
-                                                                                 seed=tcfg.data.seed + 4)))
+        if kd.source == "data":
+            # Distillation clips: the training distribution from seed data.seed + 4 (never the evaluation clips).
+            kd_source = ClipSource(dataclasses.replace(tcfg, data=dataclasses.replace(tcfg.data,
+                                                                                     seed=tcfg.data.seed + 4)))
         for s in range(start + 1, kd.steps + 1):
             if kd.source != "data":
                 if every and s > start + 1 and (s - 1) % every == 0:
@@ -442,9 +448,7 @@ def quality_inputs(ev: SparseEvalConfig, tcfg, source: ClipSource, seed: int):
     quality = VideoQuality(source.shapes, num_real=ev.real_clips)
     _, captions, _ = moving_shapes(source.shapes, np.arange(ev.samples), seed=tcfg.data.seed + 5)
     text = embed_captions(captions, source.table)
-    z_T = np.random.default_rng([seed, 5]).standard_normal(
-        (ev.samples, tcfg.model.in_channels, tcfg.data.frames, tcfg.data.size, tcfg.data.size)).astype(np.float32)
-    return captions, text, z_T, quality
+    return captions, text, latent_noise(tcfg, ev.samples, [seed, 5]), quality
 
 
 def load_moving_shapes_teacher(cfg: TileSparseConfig):
