@@ -1,6 +1,7 @@
 """Efficient-vDiT on the video DiT: the Attention Tile hook, the layer-wise mask search, the KD loss and the
 stage-2/3 pipeline."""
 
+import dataclasses
 import json
 
 import jax
@@ -205,6 +206,15 @@ def test_pipeline_end_to_end_and_resume(tmp_path, monkeypatch):
     again = run_tile_sparse(cfg, resume=True)
     assert again["output_rel_err_after_kd"] == report["output_rel_err_after_kd"]
     assert again["scores"]["student"]["fd"] == report["scores"]["student"]["fd"]
+    # eval.seed: the run's own seed reproduces the default evaluation, another seed draws other samples
+    assert report["eval_seed"] == cfg.seed
+    same = run_tile_sparse(dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, seed=cfg.seed)), resume=True)
+    assert same["scores"]["teacher"]["fd"] == report["scores"]["teacher"]["fd"]
+    other = run_tile_sparse(dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, seed=cfg.seed + 1)),
+                            resume=True)
+    assert other["eval_seed"] == cfg.seed + 1
+    assert other["scores"]["teacher"]["fd"] != report["scores"]["teacher"]["fd"]
+    assert other["output_rel_err_after_kd"] == report["output_rel_err_after_kd"]  # the same student
 
 
 def test_trajectory_pool_holds_the_states_of_the_guided_sampler(dit):

@@ -222,10 +222,11 @@ def run_efficient_vdit(cfg: EfficientVDiTConfig, *, resume: bool = False, overwr
     teacher_steps = ev.sample_steps or tcfg.diffusion.sample_steps
     g = tcfg.diffusion.guidance_scale
     captions, text, z_T, quality = quality_inputs(ev, tcfg, source, cfg.seed)
+    eval_seed = ev.seed_for(cfg.seed)
     arms = [("teacher", teacher, make_generator(model, tcfg, teacher_steps, None, ev.batch_size),
              forward_passes(teacher_steps, g), 0.0),
-            (ccfg.method, student1, make_student_generator(sample_fn, None, ev.batch_size, cfg.seed), steps, 0.0)]
-    sparse_gen = make_student_generator(sample_fn, sparse, ev.batch_size, cfg.seed)
+            (ccfg.method, student1, make_student_generator(sample_fn, None, ev.batch_size, eval_seed), steps, 0.0)]
+    sparse_gen = make_student_generator(sample_fn, sparse, ev.batch_size, eval_seed)
     if ev.sample_no_kd and cfg.kd.steps:
         arms.append(("sparse_no_kd", student1, sparse_gen, steps, sparse.sparsity))
     arms.append(("student", student, sparse_gen, steps, sparse.sparsity))
@@ -256,7 +257,7 @@ def run_efficient_vdit(cfg: EfficientVDiTConfig, *, resume: bool = False, overwr
         "block_size": sparse.block_size, "threshold": cfg.search.threshold,
         "kd_timesteps": list(ts_cfg.kd.timesteps) if ts_cfg.kd.timesteps is not None else None,
         "output_rel_err_before_kd": err_before, "output_rel_err_after_kd": err_after,
-        "samples": ev.samples, "scores": scores,
+        "samples": ev.samples, "eval_seed": eval_seed, "scores": scores,
         "speedup": final["speedup"], "steps_x_attention_speedup": final["steps_x_attention_speedup"],
         "fd_change_vs_teacher": final["fd_change_vs_teacher"],
         "backend": jax.default_backend(), "extractor": quality.report, "wall_time_s": time.time() - t0,

@@ -137,13 +137,19 @@ class KDConfig:
 @dataclasses.dataclass(frozen=True)
 class SparseEvalConfig:
     """Quality measurement: ``samples`` clips per model, ``sample_steps`` DDIM steps (null: the teacher's
-    default), ``real_clips`` real clips for the Fréchet reference."""
+    default), ``real_clips`` real clips for the Fréchet reference. ``seed``: the seed of the starting noise and
+    captions (null: the run's ``seed``); set it to score runs of different seeds on the same samples."""
 
     samples: int = 64
     sample_steps: Optional[int] = None
     batch_size: int = 16
     real_clips: int = 512
     sample_no_kd: bool = True
+    seed: Optional[int] = None
+
+    def seed_for(self, run_seed: int) -> int:
+        """The evaluation's seed in a run of seed ``run_seed``."""
+        return run_seed if self.seed is None else self.seed
 
     def __post_init__(self):
         for name in ("samples", "batch_size", "real_clips"):
@@ -440,15 +446,17 @@ def distill_stage(cfg: TileSparseConfig, out_dir: pathlib.Path, model, teacher, 
     return student, err_before, err_after, logger
 
 
-def quality_inputs(ev: SparseEvalConfig, tcfg, source: ClipSource, seed: int):
-    """The evaluation's fixed ``(captions, caption embeddings, starting noise)`` and its ``VideoQuality``."""
+def quality_inputs(ev: SparseEvalConfig, tcfg, source: ClipSource, run_seed: int):
+    """The evaluation's fixed ``(captions, caption embeddings, starting noise)`` and its ``VideoQuality``: the
+    captions of the first ``ev.samples`` clips of the data's seed ``data.seed + 5`` (the same in every run), the
+    noise from ``ev.seed_for(run_seed)``."""
     from jaxeff.data.video import embed_captions, moving_shapes
     from jaxeff.diffusion.video_quality import VideoQuality
 
     quality = VideoQuality(source.shapes, num_real=ev.real_clips)
     _, captions, _ = moving_shapes(source.shapes, np.arange(ev.samples), seed=tcfg.data.seed + 5)
     text = embed_captions(captions, source.table)
-    return captions, text, latent_noise(tcfg, ev.samples, [seed, 5]), quality
+    return captions, text, latent_noise(tcfg, ev.samples, [ev.seed_for(run_seed), 5]), quality
 
 
 def load_moving_shapes_teacher(cfg: TileSparseConfig):
@@ -509,7 +517,7 @@ def run_tile_sparse(cfg: TileSparseConfig, *, resume: bool = False, overwrite: b
         "output_rel_err_before_kd": err_before, "output_rel_err_after_kd": err_after, "kd_guided": kd.guided,
         "kd_source": kd.source,
         "sample_steps": steps, "guidance_scale": tcfg.diffusion.guidance_scale, "samples": ev.samples,
-        "scores": scores,
+        "eval_seed": ev.seed_for(cfg.seed), "scores": scores,
         "fd_change_vs_teacher": (scores["student"]["fd"] - fd_t) / fd_t if fd_t > 0 else float("nan"),
         "extractor": quality.report, "wall_time_s": time.time() - t0,
     }
