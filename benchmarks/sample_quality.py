@@ -87,6 +87,16 @@ def main(argv=None) -> list:
     tcfg, model, teacher, tstep = load_vdit_run(args.teacher)
     if tcfg.data.dataset != "fashion_mnist":
         raise SystemExit(f"--teacher: expected a run on fashion_mnist, {args.teacher} trained on {tcfg.data.dataset}")
+    # every student is loaded and checked before anything is sampled, so a wrong one fails at once
+    students = []
+    for d in [s for s in args.students.split(",") if s]:
+        if not pathlib.Path(d).exists():
+            print(f"[{BENCH}] skipping {d}: no such run directory", file=sys.stderr)
+            continue
+        cfg, scfg, smodel, student, sstep = load_student(d)
+        if scfg.model != tcfg.model:
+            raise SystemExit(f"{d}: distilled from a teacher of another shape ({cfg.teacher}) than --teacher")
+        students.append((d, cfg, scfg, smodel, student, sstep))
     table = fm.class_embedding_table(tcfg.model.text_dim)
     labels = np.arange(n) % 10
     text_all = fm.embed_labels(labels, table)
@@ -143,13 +153,7 @@ def main(argv=None) -> list:
         guidance_scale=tcfg.diffusion.guidance_scale)
     for k in args.steps:
         run("ddim", k, ddim_fn(k), teacher, guidance_scale=tcfg.diffusion.guidance_scale)
-    for d in [s for s in args.students.split(",") if s]:
-        if not pathlib.Path(d).exists():
-            print(f"[{BENCH}] skipping {d}: no such run directory", file=sys.stderr)
-            continue
-        cfg, scfg, smodel, student, sstep = load_student(d)
-        if scfg.model != tcfg.model:
-            raise SystemExit(f"{d}: distilled from a teacher of another shape ({cfg.teacher}) than --teacher")
+    for d, cfg, scfg, smodel, student, sstep in students:
         # an MLCM student is also sampled deterministically on its segment boundaries (row "mlcm_mcm")
         samplers = [(cfg.method, None)] + ([("mlcm_mcm", "mcm")] if cfg.method == "mlcm" else [])
         for name, sampler in samplers:
