@@ -137,8 +137,9 @@ class KDConfig:
 @dataclasses.dataclass(frozen=True)
 class SparseEvalConfig:
     """Quality measurement: ``samples`` clips per model, ``sample_steps`` DDIM steps (null: the teacher's
-    default), ``real_clips`` real clips for the Fréchet reference. ``seed``: the seed of the starting noise and
-    captions (null: the run's ``seed``); set it to score runs of different seeds on the same samples."""
+    default), ``real_clips`` real clips for the Fréchet reference. ``seed``: the seed of the starting noise (null:
+    the run's ``seed``; the captions are the same in every run); set it to score runs of different seeds on the same
+    samples."""
 
     samples: int = 64
     sample_steps: Optional[int] = None
