@@ -221,8 +221,8 @@ def run_efficient_vdit(cfg: EfficientVDiTConfig, *, resume: bool = False, overwr
     ev = cfg.eval
     teacher_steps = ev.sample_steps or tcfg.diffusion.sample_steps
     g = tcfg.diffusion.guidance_scale
-    captions, text, z_T, quality = quality_inputs(ev, tcfg, source, cfg.seed)
     eval_seed = ev.seed_for(cfg.seed)
+    captions, text, z_T, quality = quality_inputs(ev, tcfg, source, eval_seed)
     arms = [("teacher", teacher, make_generator(model, tcfg, teacher_steps, None, ev.batch_size),
              forward_passes(teacher_steps, g), 0.0),
             (ccfg.method, student1, make_student_generator(sample_fn, None, ev.batch_size, eval_seed), steps, 0.0)]

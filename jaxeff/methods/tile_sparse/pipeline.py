@@ -447,17 +447,17 @@ def distill_stage(cfg: TileSparseConfig, out_dir: pathlib.Path, model, teacher, 
     return student, err_before, err_after, logger
 
 
-def quality_inputs(ev: SparseEvalConfig, tcfg, source: ClipSource, run_seed: int):
+def quality_inputs(ev: SparseEvalConfig, tcfg, source: ClipSource, eval_seed: int):
     """The evaluation's fixed ``(captions, caption embeddings, starting noise)`` and its ``VideoQuality``: the
     captions of the first ``ev.samples`` clips of the data's seed ``data.seed + 5`` (the same in every run), the
-    noise from ``ev.seed_for(run_seed)``."""
+    noise from ``eval_seed`` (``ev.seed_for(run seed)``)."""
     from jaxeff.data.video import embed_captions, moving_shapes
     from jaxeff.diffusion.video_quality import VideoQuality
 
     quality = VideoQuality(source.shapes, num_real=ev.real_clips)
     _, captions, _ = moving_shapes(source.shapes, np.arange(ev.samples), seed=tcfg.data.seed + 5)
     text = embed_captions(captions, source.table)
-    return captions, text, latent_noise(tcfg, ev.samples, [ev.seed_for(run_seed), 5]), quality
+    return captions, text, latent_noise(tcfg, ev.samples, [eval_seed, 5]), quality
 
 
 def load_moving_shapes_teacher(cfg: TileSparseConfig):
@@ -496,7 +496,8 @@ def run_tile_sparse(cfg: TileSparseConfig, *, resume: bool = False, overwrite: b
     # ---- sample quality
     ev, kd = cfg.eval, cfg.kd
     steps = ev.sample_steps or tcfg.diffusion.sample_steps
-    captions, text, z_T, quality = quality_inputs(ev, tcfg, source, cfg.seed)
+    eval_seed = ev.seed_for(cfg.seed)
+    captions, text, z_T, quality = quality_inputs(ev, tcfg, source, eval_seed)
     scores = {}
     arms = [("teacher", teacher, None), ("student", student, sparse)]
     if ev.sample_no_kd and kd.steps:
@@ -518,7 +519,7 @@ def run_tile_sparse(cfg: TileSparseConfig, *, resume: bool = False, overwrite: b
         "output_rel_err_before_kd": err_before, "output_rel_err_after_kd": err_after, "kd_guided": kd.guided,
         "kd_source": kd.source,
         "sample_steps": steps, "guidance_scale": tcfg.diffusion.guidance_scale, "samples": ev.samples,
-        "eval_seed": ev.seed_for(cfg.seed), "scores": scores,
+        "eval_seed": eval_seed, "scores": scores,
         "fd_change_vs_teacher": (scores["student"]["fd"] - fd_t) / fd_t if fd_t > 0 else float("nan"),
         "extractor": quality.report, "wall_time_s": time.time() - t0,
     }
