@@ -77,6 +77,8 @@ import time
 
 import numpy as np
 
+from benchmarks._jsonl import JsonLines
+
 BENCH = "kv_eviction"
 POLICIES = ("attention_gate", "streaming_llm", "h2o", "snapkv")
 CONTROLS = ("recent_only", "random")
@@ -141,27 +143,6 @@ def default_timing_settings(quick: bool) -> TimingSettings:
 
 
 # ---- output -------------------------------------------------------------------------------------------------------
-
-
-class Emitter:
-    def __init__(self, out_path: str | None, common: dict):
-        self.rows: list = []
-        self.common = common
-        self.out = open(out_path, "a") if out_path else None  # noqa: SIM115 (closed by close())
-
-    def __call__(self, **row) -> dict:
-        row = {"bench": BENCH, **row, **self.common}
-        self.rows.append(row)
-        line = json.dumps(row)
-        print(line, flush=True)
-        if self.out is not None:
-            self.out.write(line + "\n")
-            self.out.flush()
-        return row
-
-    def close(self):
-        if self.out is not None:
-            self.out.close()
 
 
 def _cpu_name() -> str:
@@ -873,7 +854,7 @@ def main(argv=None) -> list:
         "date": datetime.date.today().isoformat(), "jax": jax.__version__, "backend": jax.default_backend(),
         "quick": bool(args.quick),
     }
-    emit = Emitter(args.out, common)
+    emit = JsonLines(BENCH, args.out, common)
     t_start = time.perf_counter()
     summaries = []
     try:

@@ -32,17 +32,9 @@ import time
 
 import numpy as np
 
+from benchmarks._jsonl import JsonLines
+
 BENCH = "lm_vs_transformers"
-
-
-def _emit(rows: list, out, **row):
-    row = {"bench": BENCH, **row}
-    rows.append(row)
-    line = json.dumps(row)
-    print(line, flush=True)
-    if out is not None:
-        out.write(line + "\n")
-        out.flush()
 
 
 def _time(fn) -> float:
@@ -106,15 +98,13 @@ def main(argv=None) -> list:
     torch.set_num_threads(args.threads)
     repeats = 3 if args.quick else 7
     n_new = args.decode_tokens or (32 if args.quick else 128)
-    rows: list = []
-    out = open(args.out, "a") if args.out else None
     common = {
         "machine": f"{platform.machine()} {os.cpu_count()} cores", "threads": args.threads,
         "date": datetime.date.today().isoformat(), "jax": jax.__version__, "torch": torch.__version__,
         "backend": jax.default_backend(),
     }
 
-    with tempfile.TemporaryDirectory() as tmp:
+    with JsonLines(BENCH, args.out) as emit, tempfile.TemporaryDirectory() as tmp:
         path = _prepare_model_dir(args.model, tmp)
         model_name = {"random": "SmolLM2-135M (random weights)", "random-tiny": "tiny Llama (random weights)"}.get(
             args.model, "SmolLM2-135M" if args.model == "smollm2" else args.model)
@@ -187,27 +177,25 @@ def main(argv=None) -> list:
         jax_tokens = np.asarray(jax_gen(n_new)[0])
         hf_tokens = hf_gen(n_new)[0, short.shape[1]:].numpy()
 
-        _emit(rows, out, impl="jaxeff", metric="prefill_ms", value=med["jp"] * 1e3, unit="ms",
+        emit(impl="jaxeff", metric="prefill_ms", value=med["jp"] * 1e3, unit="ms",
               prompt_len=args.prefill_len, **common)
-        _emit(rows, out, impl="transformers", metric="prefill_ms", value=med["hp"] * 1e3, unit="ms",
+        emit(impl="transformers", metric="prefill_ms", value=med["hp"] * 1e3, unit="ms",
               prompt_len=args.prefill_len, **common)
-        _emit(rows, out, impl="jaxeff", metric="decode_tok_s", value=rates["jaxeff"],
+        emit(impl="jaxeff", metric="decode_tok_s", value=rates["jaxeff"],
               unit="tok/s", new_tokens=n_new, **common)
-        _emit(rows, out, impl="transformers", metric="decode_tok_s", value=rates["transformers"],
+        emit(impl="transformers", metric="decode_tok_s", value=rates["transformers"],
               unit="tok/s", new_tokens=n_new, **common)
-        _emit(rows, out, impl="jaxeff", metric="compile_s",
+        emit(impl="jaxeff", metric="compile_s",
               value=first_calls - med["jp"] - med["j1"] - med["jn"], unit="s", **common)
-        _emit(rows, out, impl="both", metric="greedy_match", value=float(np.array_equal(jax_tokens, hf_tokens)),
+        emit(impl="both", metric="greedy_match", value=float(np.array_equal(jax_tokens, hf_tokens)),
               unit="bool", new_tokens=n_new, **common)
 
-    by = {(r["impl"], r["metric"]): r["value"] for r in rows}
+    by = {(r["impl"], r["metric"]): r["value"] for r in emit.rows}
     summary = (f"prefill {args.prefill_len} tok: jaxeff {by['jaxeff', 'prefill_ms']:.1f} ms vs transformers "
                f"{by['transformers', 'prefill_ms']:.1f} ms; decode: jaxeff {by['jaxeff', 'decode_tok_s']} tok/s "
                f"vs transformers {by['transformers', 'decode_tok_s']} tok/s")
     print(summary, file=sys.stderr)
-    if out is not None:
-        out.close()
-    return rows
+    return emit.rows
 
 
 if __name__ == "__main__":

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import pathlib
 import platform
@@ -32,6 +31,8 @@ import sys
 import time
 
 import numpy as np
+
+from benchmarks._jsonl import JsonLines
 
 BENCH = "sample_quality"
 DEFAULT_STUDENTS = "runs/cd_fmnist_mcd,runs/cd_fmnist_lcm,runs/cd_fmnist_mlcm,runs/cd_fmnist_scott"
@@ -107,18 +108,10 @@ def main(argv=None) -> list:
               "machine": f"{platform.machine()} {os.cpu_count()} cores", "backend": jax.default_backend(),
               "date": datetime.date.today().isoformat(), "jax": jax.__version__,
               "extractor_test_accuracy": quality.report.get("test_accuracy")}
-    rows: list = []
-    out = open(args.out, "a") if args.out else None
+    lines = JsonLines(BENCH, args.out, common)
 
     def emit(sampler, steps, metric, value, unit, **extra):
-        row = {"bench": BENCH, "sampler": sampler, "steps": steps, "metric": metric, "value": value, "unit": unit,
-               **extra, **common}
-        rows.append(row)
-        line = json.dumps(row)
-        print(line, flush=True)
-        if out is not None:
-            out.write(line + "\n")
-            out.flush()
+        lines(sampler=sampler, steps=steps, metric=metric, value=value, unit=unit, **extra)
 
     def run(name, steps, fn, params, **extra):
         """Draws every sample with ``fn(params, text, z, key)`` in batches, times one batch, scores."""
@@ -149,24 +142,23 @@ def main(argv=None) -> list:
             return sample_clips(model, params, text, tcfg.diffusion, None, steps=steps, z_T=z)
         return f
 
-    run("teacher_ddim", args.teacher_steps, ddim_fn(args.teacher_steps), teacher,
-        guidance_scale=tcfg.diffusion.guidance_scale)
-    for k in args.steps:
-        run("ddim", k, ddim_fn(k), teacher, guidance_scale=tcfg.diffusion.guidance_scale)
-    for d, cfg, scfg, smodel, student, sstep in students:
-        # an MLCM student is also sampled deterministically on its segment boundaries (row "mlcm_mcm")
-        samplers = [(cfg.method, None)] + ([("mlcm_mcm", "mcm")] if cfg.method == "mlcm" else [])
-        for name, sampler in samplers:
-            for k in args.steps:
-                try:
-                    fn = make_sampler(cfg, smodel, scfg, k, sampler=sampler)
-                except ValueError as e:
-                    print(f"[{BENCH}] {name} cannot sample with {k} steps: {e}", file=sys.stderr)
-                    continue
-                run(name, k, fn, student, student_run=d, student_step=int(sstep))
-    if out is not None:
-        out.close()
-    return rows
+    with lines:
+        run("teacher_ddim", args.teacher_steps, ddim_fn(args.teacher_steps), teacher,
+            guidance_scale=tcfg.diffusion.guidance_scale)
+        for k in args.steps:
+            run("ddim", k, ddim_fn(k), teacher, guidance_scale=tcfg.diffusion.guidance_scale)
+        for d, cfg, scfg, smodel, student, sstep in students:
+            # an MLCM student is also sampled deterministically on its segment boundaries (row "mlcm_mcm")
+            samplers = [(cfg.method, None)] + ([("mlcm_mcm", "mcm")] if cfg.method == "mlcm" else [])
+            for name, sampler in samplers:
+                for k in args.steps:
+                    try:
+                        fn = make_sampler(cfg, smodel, scfg, k, sampler=sampler)
+                    except ValueError as e:
+                        print(f"[{BENCH}] {name} cannot sample with {k} steps: {e}", file=sys.stderr)
+                        continue
+                    run(name, k, fn, student, student_run=d, student_step=int(sstep))
+    return lines.rows
 
 
 if __name__ == "__main__":

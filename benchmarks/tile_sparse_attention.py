@@ -58,7 +58,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import functools
-import json
 import math
 import os
 import platform
@@ -80,6 +79,7 @@ from jaxeff.attention.tile_masks import (
     sta_layout,
     tile_block_table,
 )
+from benchmarks._jsonl import JsonLines
 from pallas_kernels._dispatch import IMPLS, resolve_impl
 from pallas_kernels.block_sparse_attention import BlockTable, block_sparse_attention, dense_table
 
@@ -377,26 +377,16 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
         "cpu": _cpu_name(), "date": datetime.date.today().isoformat(), "jax": jax.__version__,
         "quick": bool(args.quick),
     }
-    rows: list[dict] = []
-    out = open(args.out, "a") if args.out else None  # noqa: SIM115 (closed below)
     t_start = time.perf_counter()
-    try:
+    with JsonLines(BENCH, args.out, common) as emit:
         for frames in args.ladders:
             ks = ks_by_frames[frames] or DEFAULT_KS[frames]
             ladder = run_ladder(frames, tokens[frames], min(tokens[frames], block_cap), ks, batch=args.batch,
                                 heads=args.heads, head_dim=args.head_dim, dtype=dtype, impl=args.impl,
                                 repeats=repeats, backward=args.backward, with_sta=not args.no_sta, seed=args.seed)
             for row in ladder:
-                row = {"bench": BENCH, **row, **common}
-                rows.append(row)
-                line = json.dumps(row)
-                print(line, flush=True)
-                if out is not None:
-                    out.write(line + "\n")
-                    out.flush()
-    finally:
-        if out is not None:
-            out.close()
+                emit(**row)
+    rows = emit.rows
     print(summary_table(rows), file=sys.stderr)
     print(f"[{BENCH}] {len(rows)} rows in {time.perf_counter() - t_start:.1f} s on {backend} ({device.device_kind})",
           file=sys.stderr)
