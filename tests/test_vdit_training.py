@@ -54,6 +54,22 @@ def test_resume_continues_bit_exactly(full_run, tmp_path):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+def test_checkpoint_of_another_shape_names_the_parameters(full_run, tmp_path):
+    _, res = full_run
+    # a copy of the run whose config now asks for a wider feed-forward than its checkpoint holds
+    other = tmp_path / "other"
+    shutil.copytree(res.run_dir, other)
+    config = other / "config.yaml"
+    config.write_text(config.read_text().replace("ffn_dim: 64", "ffn_dim: 32"))
+    assert "ffn_dim: 32" in config.read_text()
+    named = (r"do not match the model: \['layers'\]\['mlp'\]\['down'\]\['kernel'\]: stored \(2, 64, 32\), "
+             r"expected \(2, 32, 32\)")
+    with pytest.raises(ValueError, match=named):
+        load_vdit_run(other)
+    with pytest.raises(ValueError, match="do not match the model"):
+        train_vdit(tiny_config(other, steps=6, extra=["model.ffn_dim=32"]), resume=True)
+
+
 def test_new_run_refuses_a_directory_with_checkpoints(full_run):
     cfg, res = full_run
     with pytest.raises(ConfigError, match="--resume"):

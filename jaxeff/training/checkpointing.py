@@ -7,7 +7,9 @@ resumed run continues exactly). Keeping ``params`` a separate item lets inferenc
 Saves are asynchronous and atomic: Orbax writes into ``<step>.orbax-checkpoint-tmp`` and renames it to ``<step>``
 only once every process has finished, so a run killed mid-save leaves the earlier steps intact and the half-written
 directory is ignored by ``latest_step`` (and removed when the manager is opened again). Restores always pass an
-abstract target carrying shardings: restoring on a different topology without one fails.
+abstract target carrying shardings: restoring on a different topology without one fails. Before restoring, the
+stored parameters' shapes are compared with the target's, so a checkpoint of another model fails with an error that
+names the parameters that differ.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import pathlib
 from typing import Optional
 
+import jax
 import orbax.checkpoint as ocp
 
 from jaxeff.training.steps import with_shardings
@@ -53,6 +56,40 @@ def save(manager, state: dict, meta: dict, *, force: bool = True) -> bool:
     )
 
 
+def _stored_shapes(manager, step: int, item: str) -> Optional[dict]:
+    """``{path: shape}`` of the arrays of ``item`` at ``step`` as written, or None when the checkpoint's metadata
+    cannot be read (the restore then reports any mismatch itself)."""
+    path = pathlib.Path(str(manager.directory)) / str(step) / item
+    if not path.is_dir():
+        return None
+    try:
+        with ocp.StandardCheckpointer() as checkpointer:
+            md = checkpointer.metadata(path)
+        tree = getattr(md, "item_metadata", md)
+        return {jax.tree_util.keystr(k): tuple(v.shape)
+                for k, v in jax.tree_util.tree_leaves_with_path(tree, is_leaf=lambda x: hasattr(x, "shape"))}
+    except Exception:  # noqa: BLE001 (the metadata only improves the error message; the restore still checks)
+        return None
+
+
+def check_stored_params(manager, step: int, abstract_params) -> None:
+    """Raises ``ValueError`` naming the parameters of ``step`` whose stored shapes differ from ``abstract_params``,
+    or that only one of the two has (up to five of each)."""
+    stored = _stored_shapes(manager, step, "params")
+    if stored is None:
+        return
+    want = {jax.tree_util.keystr(k): tuple(v.shape) for k, v in jax.tree_util.tree_leaves_with_path(abstract_params)}
+    if not want.keys() & stored.keys():
+        return  # the metadata names the leaves another way: leave the comparison to the restore
+    problems = [f"{k}: stored {stored[k]}, expected {want[k]}" for k in sorted(want.keys() & stored.keys())
+                if stored[k] != want[k]][:5]
+    problems += [f"{k}: missing from the checkpoint" for k in sorted(want.keys() - stored.keys())][:5]
+    problems += [f"{k}: in the checkpoint but not in the model" for k in sorted(stored.keys() - want.keys())][:5]
+    if problems:
+        raise ValueError(f"the parameters of checkpoint step {step} in {manager.directory} do not match the model: "
+                         + "; ".join(problems))
+
+
 def restore(manager, abstract_state: dict, shardings: dict, step: Optional[int] = None):
     """``(params, opt_state, meta)`` of ``step`` (default: the latest finalised one), placed in ``shardings``.
 
@@ -61,6 +98,7 @@ def restore(manager, abstract_state: dict, shardings: dict, step: Optional[int] 
     step = manager.latest_step() if step is None else step
     if step is None:
         raise FileNotFoundError(f"no finalised checkpoint in {manager.directory}")
+    check_stored_params(manager, step, abstract_state["params"])
     target = with_shardings(
         {"params": abstract_state["params"], "opt_state": abstract_state["opt_state"]},
         {"params": shardings["params"], "opt_state": shardings["opt_state"]},
@@ -77,7 +115,9 @@ def restore(manager, abstract_state: dict, shardings: dict, step: Optional[int] 
 
 
 def restore_params(run_dir, abstract_params, param_shardings, step: Optional[int] = None):
-    """``(params, step)``: only the parameters of a run's checkpoint (no optimizer state is read)."""
+    """``(params, step)``: only the parameters of a run's checkpoint (no optimizer state is read).
+
+    Raises ``FileNotFoundError`` (no checkpoint, or not ``step``) or ``ValueError`` (parameters of another shape)."""
     with open_manager(run_dir, read_only=True) as manager:
         step = manager.latest_step() if step is None else step
         if step is None:
@@ -86,6 +126,7 @@ def restore_params(run_dir, abstract_params, param_shardings, step: Optional[int
             raise FileNotFoundError(
                 f"step {step} is not a checkpoint of {run_dir}; available: {list(manager.all_steps())}"
             )
+        check_stored_params(manager, step, abstract_params)
         out = manager.restore(
             step,
             args=ocp.args.Composite(params=ocp.args.StandardRestore(with_shardings(abstract_params,

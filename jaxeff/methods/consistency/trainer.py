@@ -467,6 +467,7 @@ def load_student(run_dir, step: Optional[int] = None, mesh=None):
         if step is None:
             raise FileNotFoundError(f"no finalised checkpoint in {ckpt.checkpoint_dir(run_dir)}")
         try:
+            ckpt.check_stored_params(manager, step, abstract)
             out = manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract)))
         except (ValueError, KeyError, TypeError) as e:
             raise ValueError(f"{run_dir}: its checkpoint (step {step}) does not match the model of its teacher run "
