@@ -19,6 +19,7 @@ from typing import Optional
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 
 from jaxeff.training.steps import with_shardings
 
@@ -62,14 +63,16 @@ def _stored_shapes(manager, step: int, item: str) -> Optional[dict]:
     path = pathlib.Path(str(manager.directory)) / str(step) / item
     if not path.is_dir():
         return None
+    handler = ocp.StandardCheckpointHandler()
     try:
-        with ocp.StandardCheckpointer() as checkpointer:
-            md = checkpointer.metadata(path)
-        tree = getattr(md, "item_metadata", md)
+        md = handler.metadata(epath.Path(path))
+        tree = getattr(md, "tree", md)
         return {jax.tree_util.keystr(k): tuple(v.shape)
                 for k, v in jax.tree_util.tree_leaves_with_path(tree, is_leaf=lambda x: hasattr(x, "shape"))}
     except Exception:  # noqa: BLE001 (the metadata only improves the error message; the restore still checks)
         return None
+    finally:
+        handler.close()
 
 
 def check_stored_params(manager, step: int, abstract_params) -> None:
