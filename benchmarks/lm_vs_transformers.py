@@ -178,17 +178,17 @@ def main(argv=None) -> list:
         hf_tokens = hf_gen(n_new)[0, short.shape[1]:].numpy()
 
         emit(impl="jaxeff", metric="prefill_ms", value=med["jp"] * 1e3, unit="ms",
-              prompt_len=args.prefill_len, **common)
+             prompt_len=args.prefill_len, **common)
         emit(impl="transformers", metric="prefill_ms", value=med["hp"] * 1e3, unit="ms",
-              prompt_len=args.prefill_len, **common)
+             prompt_len=args.prefill_len, **common)
         emit(impl="jaxeff", metric="decode_tok_s", value=rates["jaxeff"],
-              unit="tok/s", new_tokens=n_new, **common)
+             unit="tok/s", new_tokens=n_new, **common)
         emit(impl="transformers", metric="decode_tok_s", value=rates["transformers"],
-              unit="tok/s", new_tokens=n_new, **common)
+             unit="tok/s", new_tokens=n_new, **common)
         emit(impl="jaxeff", metric="compile_s",
-              value=first_calls - med["jp"] - med["j1"] - med["jn"], unit="s", **common)
+             value=first_calls - med["jp"] - med["j1"] - med["jn"], unit="s", **common)
         emit(impl="both", metric="greedy_match", value=float(np.array_equal(jax_tokens, hf_tokens)),
-              unit="bool", new_tokens=n_new, **common)
+             unit="bool", new_tokens=n_new, **common)
 
     by = {(r["impl"], r["metric"]): r["value"] for r in emit.rows}
     summary = (f"prefill {args.prefill_len} tok: jaxeff {by['jaxeff', 'prefill_ms']:.1f} ms vs transformers "

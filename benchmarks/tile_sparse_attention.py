@@ -69,6 +69,7 @@ from typing import Callable, Optional
 import jax
 import jax.numpy as jnp
 
+from benchmarks._jsonl import JsonLines
 from jaxeff.attention.tile_masks import (
     VideoTokenLayout,
     attention_tile_mask,
@@ -79,7 +80,6 @@ from jaxeff.attention.tile_masks import (
     sta_layout,
     tile_block_table,
 )
-from benchmarks._jsonl import JsonLines
 from pallas_kernels._dispatch import IMPLS, resolve_impl
 from pallas_kernels.block_sparse_attention import BlockTable, block_sparse_attention, dense_table
 
