@@ -56,7 +56,7 @@ def test_resume_continues_bit_exactly(full_run, tmp_path):
 
 def test_checkpoint_of_another_shape_names_the_parameters(full_run, tmp_path):
     _, res = full_run
-    # a copy of the run whose config now asks for a wider feed-forward than its checkpoint holds
+    # a copy of the run whose config now asks for a narrower feed-forward than its checkpoint holds
     other = tmp_path / "other"
     shutil.copytree(res.run_dir, other)
     config = other / "config.yaml"

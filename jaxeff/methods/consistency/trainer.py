@@ -460,16 +460,10 @@ def load_student(run_dir, step: Optional[int] = None, mesh=None):
         L, H, D = tcfg.model.num_layers, tcfg.model.num_attention_heads, tcfg.model.attention_head_dim
         shape = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep)
         abstract["disc"] = jax.tree.map(shape, jax.eval_shape(lambda: init_disc_head(jax.random.key(0), L * H * D)))
-    import orbax.checkpoint as ocp
-
-    with ckpt.open_manager(run_dir, read_only=True) as manager:
-        step = manager.latest_step() if step is None else step
-        if step is None:
-            raise FileNotFoundError(f"no finalised checkpoint in {ckpt.checkpoint_dir(run_dir)}")
-        try:
-            ckpt.check_stored_params(manager, step, abstract)
-            out = manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract)))
-        except (ValueError, KeyError, TypeError) as e:
-            raise ValueError(f"{run_dir}: its checkpoint (step {step}) does not match the model of its teacher run "
-                             f"{cfg.teacher} (was the teacher retrained with another shape?): {e}") from e
-    return cfg, tcfg, model, out["params"]["student"], step
+    try:
+        params, step = ckpt.restore_params(run_dir, abstract, jax.tree.map(lambda a: a.sharding, abstract), step)
+    except (ValueError, KeyError, TypeError) as e:
+        at = "" if step is None else f" (step {step})"
+        raise ValueError(f"{run_dir}: its checkpoint{at} does not match the model of its teacher run "
+                         f"{cfg.teacher} (was the teacher retrained with another shape?): {e}") from e
+    return cfg, tcfg, model, params["student"], step
