@@ -5,8 +5,9 @@ student at few steps, scored side by side.
                                         [--students runs/cd_fmnist_mcd,runs/cd_fmnist_lcm,...] [--out FILE]
 
 Every sampler draws the same ``--samples`` images: the same starting noise and the same class labels (balanced
-over the 10 classes). The teacher samples with its configured guidance (classifier-free, two passes per step);
-students sample without guidance (the teacher's guidance is baked in by distillation). Scores
+over the 10 classes). The teacher samples with its configured guidance (classifier-free, two passes per step),
+or with each of ``--guidance`` in turn; students sample without guidance (the guidance they were distilled with,
+recorded as ``guidance_scale`` in their rows, is baked in). Scores
 (``jaxeff.diffusion.image_quality``): ``fid``, a Fréchet distance in the features of a Fashion-MNIST classifier
 trained in the repo, against ``--real`` real test images (comparable between rows, not with published FIDs), and
 ``class_acc``, how often that classifier sees the requested class. ``sample_ms``: wall time to draw one batch of
@@ -55,6 +56,16 @@ def _steps(text: str) -> tuple[int, ...]:
     return out
 
 
+def _scales(text: str) -> tuple[float, ...]:
+    try:
+        out = tuple(float(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+    if not out or min(out) < 1.0:
+        raise argparse.ArgumentTypeError(f"expected guidance scales >= 1 (1 = no guidance), got {text!r}")
+    return out
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.sample_quality", description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer samples and real images (about 5 minutes)")
@@ -62,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--students", default=DEFAULT_STUDENTS, help="comma-separated train.consistency run dirs")
     ap.add_argument("--steps", type=_steps, default=(1, 2, 4, 8), help="few-step counts (default 1,2,4,8)")
     ap.add_argument("--teacher-steps", type=_positive_int, default=50)
+    ap.add_argument("--guidance", type=_scales, default=None,
+                    help="guidance scales for the teacher and DDIM rows, comma-separated (default: the teacher's)")
     ap.add_argument("--samples", type=_positive_int, default=None, help="images per sampler (default 2000; quick 500)")
     ap.add_argument("--real", type=_positive_int, default=None, help="real test images (default 5000; quick 2000)")
     ap.add_argument("--batch", type=_positive_int, default=250)
@@ -132,21 +145,22 @@ def main(argv=None) -> list:
         emit(name, steps, "fid", s["fid"], "", **extra)
         emit(name, steps, "class_acc", s["class_acc"], "fraction", **extra)
         emit(name, steps, "sample_ms", statistics.median(times) * 1e3, "ms", batch=min(B, n), **extra)
-        print(f"[{BENCH}] {name} {steps} steps: fid {s['fid']:.2f}, class acc {s['class_acc']:.3f}, "
-              f"{statistics.median(times) * 1e3:.0f} ms / {min(B, n)} images", file=sys.stderr)
+        print(f"[{BENCH}] {name} {steps} steps (guidance {extra.get('guidance_scale')}): fid {s['fid']:.2f}, "
+              f"class acc {s['class_acc']:.3f}, {statistics.median(times) * 1e3:.0f} ms / {min(B, n)} images",
+              file=sys.stderr)
         return s
 
-    def ddim_fn(steps):
+    def ddim_fn(steps, g):
         @jax.jit
         def f(params, text, z, key):
-            return sample_clips(model, params, text, tcfg.diffusion, None, steps=steps, z_T=z)
+            return sample_clips(model, params, text, tcfg.diffusion, None, steps=steps, guidance_scale=g, z_T=z)
         return f
 
     with lines:
-        run("teacher_ddim", args.teacher_steps, ddim_fn(args.teacher_steps), teacher,
-            guidance_scale=tcfg.diffusion.guidance_scale)
-        for k in args.steps:
-            run("ddim", k, ddim_fn(k), teacher, guidance_scale=tcfg.diffusion.guidance_scale)
+        for g in args.guidance or (tcfg.diffusion.guidance_scale,):
+            run("teacher_ddim", args.teacher_steps, ddim_fn(args.teacher_steps, g), teacher, guidance_scale=g)
+            for k in args.steps:
+                run("ddim", k, ddim_fn(k, g), teacher, guidance_scale=g)
         for d, cfg, scfg, smodel, student, sstep in students:
             # an MLCM student is also sampled deterministically on its segment boundaries (row "mlcm_mcm")
             samplers = [(cfg.method, None)] + ([("mlcm_mcm", "mcm")] if cfg.method == "mlcm" else [])
@@ -157,7 +171,8 @@ def main(argv=None) -> list:
                     except ValueError as e:
                         print(f"[{BENCH}] {name} cannot sample with {k} steps: {e}", file=sys.stderr)
                         continue
-                    run(name, k, fn, student, student_run=d, student_step=int(sstep))
+                    g = scfg.diffusion.guidance_scale if cfg.guidance_scale is None else cfg.guidance_scale
+                    run(name, k, fn, student, student_run=d, student_step=int(sstep), guidance_scale=g)
     return lines.rows
 
 

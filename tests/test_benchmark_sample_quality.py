@@ -50,15 +50,14 @@ def test_rows(runs, random_extractor, tmp_path):
     out = tmp_path / "rows.jsonl"
     rows = sample_quality.main(["--teacher", str(root / "teacher"), "--students",
                                 f"{mcd},{lcm},{mlcm},{root / 'none'}",
-                                "--steps", "1,2,3", "--teacher-steps", "3", "--samples", "6", "--real", "8",
-                                "--batch", "4", "--repeats", "1", "--out", str(out)])
+                                "--steps", "2,3", "--teacher-steps", "3", "--samples", "6", "--real", "8",
+                                "--batch", "4", "--repeats", "1", "--guidance", "1.5", "--out", str(out)])
     assert all({"bench", "sampler", "steps", "metric", "value"} <= set(r) for r in rows)
     got = {(r["sampler"], r["steps"]) for r in rows}
-    # the 2-segment MCD student samples with 1 or 2 steps only; LCM and MLCM (TLCM) with any of these; MLCM's
+    # the 2-segment MCD student samples with 1 or 2 steps only; LCM and MLCM (TLCM) with either; MLCM's
     # deterministic sampler on divisors of its 8 segments; a missing directory is skipped
-    assert got == {("teacher_ddim", 3), ("ddim", 1), ("ddim", 2), ("ddim", 3), ("mcd", 1), ("mcd", 2),
-                   ("lcm", 1), ("lcm", 2), ("lcm", 3), ("mlcm", 1), ("mlcm", 2), ("mlcm", 3), ("mlcm_mcm", 1),
-                   ("mlcm_mcm", 2)}
+    assert got == {("teacher_ddim", 3), ("ddim", 2), ("ddim", 3), ("mcd", 2), ("lcm", 2), ("lcm", 3), ("mlcm", 2),
+                   ("mlcm", 3), ("mlcm_mcm", 2)}
     for r in rows:
         assert r["bench"] == "sample_quality" and r["samples"] == 6
         if r["metric"] == "sample_ms":
@@ -66,6 +65,9 @@ def test_rows(runs, random_extractor, tmp_path):
         if r["metric"] == "class_acc":
             assert 0 <= r["value"] <= 1
     assert {r["metric"] for r in rows} == {"fid", "class_acc", "sample_ms"}
+    # the teacher's rows sample with --guidance; each student's row names the guidance it was distilled with
+    assert {r["guidance_scale"] for r in rows if r["sampler"] in ("teacher_ddim", "ddim")} == {1.5}
+    assert {r["guidance_scale"] for r in rows if r["sampler"] not in ("teacher_ddim", "ddim")} == {3.0}  # vdit_tiny
     assert [json.loads(line) for line in out.read_text().splitlines()] == rows
 
 
@@ -77,3 +79,10 @@ def test_student_of_another_teacher_is_an_error(runs, random_extractor, tmp_path
         sample_quality.main(["--teacher", str(root / "teacher"), "--students", str(other), "--steps", "1",
                              "--teacher-steps", "2", "--samples", "4", "--real", "8", "--batch", "4",
                              "--repeats", "1"])
+
+
+@pytest.mark.parametrize("bad", ["0.5", "2,x", ""])
+def test_guidance_argument_errors(bad, capsys):
+    with pytest.raises(SystemExit):
+        sample_quality.build_parser().parse_args(["--guidance", bad])
+    assert "--guidance" in capsys.readouterr().err
