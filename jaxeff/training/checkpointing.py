@@ -16,6 +16,7 @@ In a single process, arrays are written without Orbax's replica-parallel slicing
 
 from __future__ import annotations
 
+import logging
 import pathlib
 from typing import Optional
 
@@ -45,8 +46,14 @@ def _single_process_arrays() -> None:
     global _ARRAY_HANDLER_SET
     if _ARRAY_HANDLER_SET or jax.process_count() != 1:
         return
-    ocp.type_handlers.register_type_handler(jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False),
-                                            override=True)
+    absl = logging.getLogger("absl")  # Orbax warns on every override of a registered type
+    level = absl.level
+    absl.setLevel(logging.ERROR)
+    try:
+        ocp.type_handlers.register_type_handler(
+            jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False), override=True)
+    finally:
+        absl.setLevel(level)
     _ARRAY_HANDLER_SET = True
 
 
