@@ -92,7 +92,8 @@ def test_scott_adversarial_gradient(tmp_path):
         z_t = sched.add_noise(clips, jax.random.normal(k_n, clips.shape, jnp.float32), t)
         t_d = jax.random.randint(k_d, (2,), 0, cfg.disc_max_t)
         d_noise = jax.random.normal(k_dn, clips.shape)
-        tch = make_denoiser(model, teacher, text, jnp.zeros_like(text), tcfg.diffusion.guidance_scale)
+        assert cfg.guidance_scale == 1.5 != tcfg.diffusion.guidance_scale  # the distillation's own guidance
+        tch = make_denoiser(model, teacher, text, jnp.zeros_like(text), cfg.guidance_scale)
 
         def total(p):
             out = model.apply(p, z_t, t.astype(jnp.float32), text).sample
@@ -213,6 +214,8 @@ def test_sampler_step_range(tmp_path, method, extra, good, bad):
     (["train.grad_accum=2", "train.batch_size=4"], "grad_accum"),
     (["skip=0"], "skip"),
     (["space=w"], "space"),
+    (["guidance_scale=0"], "guidance_scale"),
+    (["guidance_scale=.nan"], "guidance_scale"),
 ])
 def test_config_errors(tmp_path, override, match):
     with pytest.raises((ConfigError, ValueError), match=match):

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import pathlib
 import shutil
 import sys
@@ -135,6 +136,9 @@ class ConsistencyConfig:
         distillation_grid(self.skip)  # raises on a bad skip
         if not 1 <= self.disc_max_t <= 1000:
             raise config_error("disc_max_t", "an int in [1, 1000]", self.disc_max_t)
+        if self.guidance_scale is not None and not (self.guidance_scale > 0 and math.isfinite(self.guidance_scale)):
+            raise config_error("guidance_scale", "a positive float (1: no guidance) or null (the teacher's)",
+                               self.guidance_scale)
 
     def resolved(self) -> dict:
         """The method's preset with this config's explicit fields applied."""
