@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import math
 import os
 import pathlib
 import platform
@@ -61,8 +62,8 @@ def _scales(text: str) -> tuple[float, ...]:
         out = tuple(float(x) for x in text.split(","))
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
-    if not out or min(out) < 1.0:
-        raise argparse.ArgumentTypeError(f"expected guidance scales >= 1 (1 = no guidance), got {text!r}")
+    if not all(g > 0 and math.isfinite(g) for g in out):
+        raise argparse.ArgumentTypeError(f"expected positive guidance scales (1 = no guidance), got {text!r}")
     return out
 
 

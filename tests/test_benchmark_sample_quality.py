@@ -83,7 +83,7 @@ def test_student_of_another_teacher_is_an_error(runs, random_extractor, tmp_path
                              "--repeats", "1"])
 
 
-@pytest.mark.parametrize("bad", ["0.5", "2,x", ""])
+@pytest.mark.parametrize("bad", ["0", "2,-1", "nan", "2,x", ""])
 def test_guidance_argument_errors(bad, capsys):
     with pytest.raises(SystemExit):
         sample_quality.build_parser().parse_args(["--guidance", bad])
