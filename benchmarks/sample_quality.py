@@ -172,8 +172,8 @@ def main(argv=None) -> list:
                     except ValueError as e:
                         print(f"[{BENCH}] {name} cannot sample with {k} steps: {e}", file=sys.stderr)
                         continue
-                    g = scfg.diffusion.guidance_scale if cfg.guidance_scale is None else cfg.guidance_scale
-                    run(name, k, fn, student, student_run=d, student_step=int(sstep), guidance_scale=g)
+                    run(name, k, fn, student, student_run=d, student_step=int(sstep),
+                        guidance_scale=cfg.distill_guidance(scfg))
     return lines.rows
 
 

@@ -140,6 +140,10 @@ class ConsistencyConfig:
             raise config_error("guidance_scale", "a positive float (1: no guidance) or null (the teacher's)",
                                self.guidance_scale)
 
+    def distill_guidance(self, tcfg) -> float:
+        """The guidance baked into the student: ``guidance_scale``, or the teacher run ``tcfg``'s when unset."""
+        return tcfg.diffusion.guidance_scale if self.guidance_scale is None else self.guidance_scale
+
     def resolved(self) -> dict:
         """The method's preset with this config's explicit fields applied."""
         out = dict(_PRESETS[self.method])
@@ -203,7 +207,7 @@ def make_step(cfg: ConsistencyConfig, model, tcfg, tx, dtx, mesh=None):
     r = cfg.resolved()
     sched = tcfg.diffusion.noise_schedule()
     prediction = tcfg.diffusion.prediction
-    g = tcfg.diffusion.guidance_scale if cfg.guidance_scale is None else cfg.guidance_scale
+    g = cfg.distill_guidance(tcfg)
     boundaries = mcm_boundaries(r["segments"], sched.num_train_timesteps)
     grid = distillation_grid(cfg.skip, sched.num_train_timesteps)
     grid_j = jnp.asarray(grid, jnp.int32)
